@@ -1,0 +1,1 @@
+"""Host-side toolchain: DarkNet19 training, int8 conversion, mRMR + SVM head, bundle."""

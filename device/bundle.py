@@ -1,0 +1,135 @@
+"""The model bundle: ``models/manifest.json`` and the files it names.
+
+The manifest is the contract between ``convert/`` (which writes it) and the
+device (which refuses to start on any disagreement, naming the file, the
+field and both values).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from device.errors import BundleError, BundleMissingError
+from device.head import Head, load_head
+from device.preprocess import InputSpec
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    confidence: float  # below this the field is referred
+    all_probability: float  # P(ALL) above this raises the ALL alert even if the subtype is unsure
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    name: str
+    classes: tuple[str, ...]
+    benign: str
+    input: InputSpec
+    n_features: int
+    model_path: Path
+    model_sha256: str
+    edgetpu_path: Path | None
+    head: Head
+    thresholds: Thresholds
+    manifest: dict = field(repr=False, compare=False)
+
+    @property
+    def all_classes(self) -> tuple[str, ...]:
+        return tuple(c for c in self.classes if c != self.benign)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _get(doc: dict, dotted: str, where: Path):
+    cur = doc
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise BundleError(f"{where}: field '{dotted}' is missing; rebuild the bundle with `make convert`")
+        cur = cur[part]
+    return cur
+
+
+def _verified(root: Path, entry: dict, key: str, where: Path) -> Path:
+    path = root / entry["path"]
+    if not path.is_file():
+        raise BundleMissingError(f"{path}: named by {where} (files.{key}) but missing; "
+                                 "restore the models/ folder or rebuild it with `make convert`")
+    got = sha256_file(path)
+    if got != entry["sha256"]:
+        raise BundleError(f"{path}: sha256 is {got[:16]}..., {where} (files.{key}.sha256) says "
+                          f"{entry['sha256'][:16]}...; the file is corrupt or from another build: "
+                          "restore it or rebuild with `make convert`")
+    return path
+
+
+def load_bundle(root: str | Path) -> Bundle:
+    """Read and verify a bundle. Every mismatch is a :class:`BundleError` naming file, field and values."""
+    root = Path(root)
+    where = root / MANIFEST
+    if not where.is_file():
+        raise BundleMissingError(f"{where}: no manifest; build a bundle with `make convert` or point "
+                                 "[model] dir in the config at one")
+    try:
+        doc = json.loads(where.read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{where}: not valid JSON ({exc}); restore it or rebuild with `make convert`") from exc
+    if _get(doc, "schema", where) != SCHEMA:
+        raise BundleError(f"{where}: schema is {doc['schema']!r}, this device reads schema {SCHEMA}; "
+                          "update the device software or rebuild the bundle")
+    files = _get(doc, "files", where)
+    model = _verified(root, _get(doc, "files.model", where), "model", where)
+    edgetpu = _verified(root, files["edgetpu_model"], "edgetpu_model", where) if "edgetpu_model" in files else None
+    head_path = _verified(root, _get(doc, "files.head", where), "head", where)
+    head = load_head(head_path)
+    classes = tuple(_get(doc, "classes", where))
+    if head.classes != classes:
+        raise BundleError(f"{head_path}: head classes {list(head.classes)} differ from {where} "
+                          f"classes {list(classes)}")
+    n_features = int(_get(doc, "output.features", where))
+    if head.n_features != n_features:
+        raise BundleError(f"{head_path}: head expects {head.n_features} features, {where} "
+                          f"(output.features) says the model gives {n_features}")
+    k = int(_get(doc, "head.k", where))
+    if head.k != k:
+        raise BundleError(f"{head_path}: head selects {head.k} features, {where} (head.k) says {k}")
+    benign = _get(doc, "benign_class", where)
+    if benign not in classes:
+        raise BundleError(f"{where}: benign_class {benign!r} is not one of classes {list(classes)}")
+    inp = _get(doc, "input", where)
+    spec = InputSpec(size=int(inp["size"]), scale=float(inp["scale"]), zero_point=int(inp["zero_point"]),
+                     dtype=str(inp["dtype"]))
+    th = _get(doc, "thresholds", where)
+    return Bundle(root=root, name=str(doc.get("name", root.name)), classes=classes, benign=benign, input=spec,
+                  n_features=n_features, model_path=model, model_sha256=files["model"]["sha256"],
+                  edgetpu_path=edgetpu, head=head,
+                  thresholds=Thresholds(float(th["confidence"]), float(th["all_probability"])), manifest=doc)
+
+
+def check_model_matches(bundle: Bundle, input_spec: InputSpec, n_out: int, where: Path) -> None:
+    """The loaded interpreter must be the model the manifest describes."""
+    m = bundle.root / MANIFEST
+    pairs = [("input.size", bundle.input.size, input_spec.size), ("input.dtype", bundle.input.dtype, input_spec.dtype),
+             ("input.scale", bundle.input.scale, input_spec.scale),
+             ("input.zero_point", bundle.input.zero_point, input_spec.zero_point),
+             ("output.features", bundle.n_features, n_out)]
+    for fieldname, said, got in pairs:
+        if (abs(said - got) > 1e-9 * max(1.0, abs(said))) if isinstance(said, float) else said != got:
+            raise BundleError(f"{where}: model has {fieldname} = {got}, {m} says {said}; "
+                              "the manifest and model come from different builds: rebuild with `make convert`")

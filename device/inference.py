@@ -1,0 +1,115 @@
+"""The one adapter around the TFLite runtimes.
+
+ai-edge-litert (Google's current wheel) is preferred; tflite-runtime is the
+fallback on images that only ship that. Both are imported lazily, here and
+nowhere else, so the rest of ``device/`` (and its tests) never needs them.
+The Edge TPU delegate is used only when ``libedgetpu.so.1`` loads *and* the
+bundle has an Edge-TPU-compiled model; otherwise the CPU (XNNPACK) runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from device.errors import BundleError, RuntimeUnavailableError
+from device.preprocess import InputSpec
+
+log = logging.getLogger(__name__)
+
+EDGETPU_LIB = "libedgetpu.so.1"
+
+
+def _import_runtime():
+    """Return (Interpreter, load_delegate, runtime description)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter, load_delegate  # type: ignore
+
+        return Interpreter, load_delegate, f"ai-edge-litert {_version('ai-edge-litert')}"
+    except ImportError as first:
+        try:
+            from tflite_runtime.interpreter import Interpreter, load_delegate  # type: ignore
+
+            return Interpreter, load_delegate, f"tflite-runtime {_version('tflite-runtime')}"
+        except ImportError as exc:
+            raise RuntimeUnavailableError(
+                "no TFLite runtime: install ai-edge-litert (`pip install ai-edge-litert`) "
+                "or, on older Raspberry Pi OS images, tflite-runtime"
+            ) from (exc or first)
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    size: int
+    scale: float
+    zero_point: int
+    dtype: str
+
+
+class TFLiteModel:
+    """A loaded int8 feature extractor: int8 NHWC in, int8 feature vector out."""
+
+    def __init__(self, path: Path, *, num_threads: int = 4, edgetpu_path: Path | None = None,
+                 use_edgetpu: bool = True):
+        Interpreter, load_delegate, self.runtime = _import_runtime()
+        self.delegate = "cpu"
+        self.path = Path(path)
+        interp = None
+        if edgetpu_path is not None and use_edgetpu:
+            try:
+                delegate = load_delegate(EDGETPU_LIB)
+                interp = Interpreter(model_path=str(edgetpu_path), experimental_delegates=[delegate])
+                self.delegate, self.path = "edgetpu", Path(edgetpu_path)
+            except (ValueError, OSError, RuntimeError) as exc:
+                log.info("Edge TPU not used (%s); running on the CPU", exc)
+        if interp is None:
+            try:
+                interp = Interpreter(model_path=str(path), num_threads=num_threads)
+            except (ValueError, RuntimeError) as exc:
+                raise BundleError(f"{path}: the TFLite runtime cannot load this model ({exc}); "
+                                  "rebuild the bundle with `make convert`") from exc
+        interp.allocate_tensors()
+        self._interp = interp
+        inp, out = interp.get_input_details(), interp.get_output_details()
+        if len(inp) != 1 or len(out) != 1:
+            raise BundleError(f"{path}: model has {len(inp)} inputs and {len(out)} outputs; expected 1 and 1")
+        self._in, self._out = inp[0], out[0]
+        shape = tuple(int(s) for s in self._in["shape"])
+        if len(shape) != 4 or shape[0] != 1 or shape[3] != 3 or shape[1] != shape[2]:
+            raise BundleError(f"{path}: input shape {shape}; expected (1, S, S, 3) NHWC RGB")
+        in_scale, in_zp = self._in["quantization"]
+        out_scale, out_zp = self._out["quantization"]
+        self.input_spec = InputSpec(size=shape[1], scale=float(in_scale) or 1.0, zero_point=int(in_zp),
+                                    dtype=np.dtype(self._in["dtype"]).name)
+        self.output_spec = OutputSpec(size=int(np.prod(self._out["shape"])), scale=float(out_scale),
+                                      zero_point=int(out_zp), dtype=np.dtype(self._out["dtype"]).name)
+        if self.input_spec.dtype not in ("int8", "uint8"):
+            raise BundleError(f"{path}: input dtype {self.input_spec.dtype}; the appliance ships full-integer models")
+        self.last_invoke_ms = 0.0
+
+    def invoke(self, x: np.ndarray) -> np.ndarray:
+        """Run one quantized input; returns the raw quantized output vector."""
+        self._interp.set_tensor(self._in["index"], x)
+        t0 = time.perf_counter()
+        self._interp.invoke()
+        self.last_invoke_ms = (time.perf_counter() - t0) * 1000
+        return self._interp.get_tensor(self._out["index"]).reshape(-1).copy()
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """real = scale * (q - zero_point), in float32 (int32 first: int8 - zp overflows int8)."""
+        o = self.output_spec
+        if o.scale == 0.0:  # float output
+            return q.astype(np.float32)
+        return ((q.astype(np.int32) - o.zero_point) * o.scale).astype(np.float32)
