@@ -1,11 +1,14 @@
-"""Command line of the host toolchain."""
+"""Command line of the host toolchain: ``python -m convert <step>``.
+
+Steps, in order: split, train, export, quantize, [edgetpu], features, head,
+bundle. ``all`` runs them in order, skipping any whose outputs are current.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -13,69 +16,67 @@ from device.errors import ScreenError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "all-aria"
-DEFAULT_WORK = Path("build/convert")
-DEFAULT_MODELS = Path("models")
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "all-aria"
+ORDER = ("split", "train", "export", "quantize", "features", "head", "bundle")
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+def _train_cfg(a):
     from convert.train import TrainConfig
 
-    for f in fields(TrainConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                       help=f"(default {f.default})")
+    return TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})
 
 
-def cmd_split(a) -> None:
-    from convert import data
+def _options(a):
+    from convert.steps import Options
 
-    scan = data.scan(a.data)
-    parts = data.split(scan.samples, a.test_fraction, a.block, a.seed)
-    data.write_split(a.work / "split.json", scan, parts, test_fraction=a.test_fraction, block=a.block, seed=a.seed)
-    print(f"split: {len(parts['train'])} train / {len(parts['test'])} test, "
-          f"{len(scan.duplicates)} duplicates dropped, {len(scan.skipped)} skipped -> {a.work / 'split.json'}")
+    return Options(data=a.data.resolve(), work=a.work.resolve(), models=a.models.resolve(), test_fraction=a.test_fraction, block=a.block,
+                   seed=a.seed, calib=a.calib, edgetpu_friendly=not a.keep_leakyrelu, criterion=a.criterion,
+                   folds=a.folds, force=a.force)
 
 
-def cmd_train(a) -> None:
-    import numpy as np
-    import torch
+def run(step: str, a) -> None:
+    from convert import steps
+    from convert.bundle import write_bundle
 
-    from convert import data
-    from convert.train import TrainConfig, train
-
-    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})
-    if not (a.work / "split.json").exists():
-        cmd_split(a)
-    classes, parts, doc = data.read_split(a.work / "split.json")
-    root = Path(doc["data_root"])
-    t0 = time.time()
-    xtr = data.load_rgb(root, parts["train"], cfg.size)
-    xte = data.load_rgb(root, parts["test"], cfg.size)
-    ytr = np.array([classes.index(s.label) for s in parts["train"]])
-    yte = np.array([classes.index(s.label) for s in parts["test"]])
-    log.info("loaded %d + %d images in %.1f s", len(xtr), len(xte), time.time() - t0)
-    net = train(cfg, xtr, ytr, xte, yte, len(classes), a.work / "train")
-    torch.save({"model": net.state_dict(), "classes": classes, "width": cfg.width,
-                "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
-                "seconds": time.time() - t0}, a.work / "darknet19.pt")
-    print(f"trained -> {a.work / 'darknet19.pt'}")
-
-
-STEPS = {"split": cmd_split, "train": cmd_train}
+    o = _options(a)
+    todo = ORDER if step == "all" else (step,)
+    for s in todo:
+        if s == "train":
+            steps.train(o, _train_cfg(a))
+        elif s == "bundle":
+            write_bundle(o)
+        elif s == "edgetpu":
+            out = steps.edgetpu(o)
+            print(f"Edge TPU model: {out}" if out else "edgetpu_compiler is not installed; see the message above")
+        else:
+            getattr(steps, s)(o)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="class-per-folder image set")
-    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="intermediate files")
-    p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="bundle output folder")
+    from convert.train import TrainConfig
+
+    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("step", choices=(*ORDER, "edgetpu", "all"))
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="class-per-folder image set (default %(default)s)")
+    p.add_argument("--work", type=Path, default=ROOT / "build" / "convert", help="intermediate files")
+    p.add_argument("--models", type=Path, default=ROOT / "models", help="bundle output folder")
     p.add_argument("--test-fraction", type=float, default=0.3)
     p.add_argument("--block", type=int, default=5, help="consecutive images kept on one side of the split")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib", type=int, default=256, help="calibration images for int8 (>= 200 for a real model)")
+    p.add_argument("--keep-leakyrelu", action="store_true", help="keep LEAKY_RELU ops (not Edge TPU compatible)")
+    p.add_argument("--criterion", choices=("MIQ", "MID"), default="MIQ", help="mRMR criterion")
+    p.add_argument("--folds", type=int, default=10, help="CV folds for the report's Table 2")
+    p.add_argument("--force", action="store_true", help="re-run steps even when current")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
-    sub = p.add_subparsers(dest="step", required=True)
-    sub.add_parser("split", help="scan, de-duplicate and split the data set")
-    _train_args(sub.add_parser("train", help="train DarkNet19 (resumable)"))
+    g = p.add_argument_group("training (paper Table 1)")
+    for f in fields(TrainConfig):
+        if f.name == "seed":  # shared with the split's --seed
+            continue
+        g.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                       help=f"(default {f.default})")
     return p
 
 
@@ -83,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("matplotlib", "PIL", "h5py", "tensorflow", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        STEPS[a.step](a)
+        run(a.step, a)
     except ScreenError as exc:
         if a.verbose:
             raise

@@ -138,7 +138,7 @@ def split_hash(parts: dict[str, list[Sample]]) -> str:
 def write_split(path: Path, scan_: Scan, parts: dict[str, list[Sample]], **params) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
-        "data_root": str(scan_.root),
+        "data_root": str(Path(scan_.root).resolve()),
         "classes": scan_.classes,
         "params": params,
         "hash": split_hash(parts),

@@ -35,7 +35,7 @@ SCALE_BAR_BOX = (slice(196, 224), slice(180, 224))
 class TrainConfig:
     size: int = 224
     low_size: int = 128
-    low_epochs: int = 16
+    low_epochs: int = 18
     high_epochs: int = 3
     batch: int = 32
     lr: float = 0.01

@@ -56,6 +56,15 @@ def decide(head: Head, out: HeadOutput, benign: str, th: Thresholds) -> Verdict:
                    "send to a haematologist", out.distance, p_all)
 
 
+def model_features(model: TFLiteModel, rgb: np.ndarray) -> np.ndarray:
+    """Dequantized feature vector of a square model-size RGB image.
+
+    The one code path from pixels to features: the device classifies with it
+    and ``convert/`` fits the head on its output.
+    """
+    return model.dequantize(model.invoke(quantize_input(rgb, model.input_spec)))
+
+
 @dataclass(frozen=True)
 class Timed:
     verdict: Verdict
@@ -80,15 +89,13 @@ class Classifier:
         return clf
 
     def features(self, rgb: np.ndarray) -> np.ndarray:
-        """Dequantized feature vector of a square model-size RGB image (what the head is fitted on)."""
-        return self.model.dequantize(self.model.invoke(quantize_input(rgb, self.model.input_spec)))
+        return model_features(self.model, rgb)
 
     def classify(self, frame: np.ndarray) -> Timed:
         t0 = time.perf_counter()
         rgb = frame_to_rgb(frame, self.model.input_spec.size)
-        x = quantize_input(rgb, self.model.input_spec)
         t1 = time.perf_counter()
-        feats = self.model.dequantize(self.model.invoke(x))
+        feats = model_features(self.model, rgb)
         t2 = time.perf_counter()
         out = evaluate(self.bundle.head, feats)
         verdict = decide(self.bundle.head, out, self.bundle.benign, self.bundle.thresholds)

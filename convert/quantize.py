@@ -1,0 +1,102 @@
+"""ONNX -> full-integer int8 TFLite with onnx2tf, calibrated on real images.
+
+Quantization: per-channel int8 weights, int8 activations, int8 input and
+output tensors. The graph's input is raw RGB pixels 0..255 (normalisation is
+inside the network), so the calibrated input quantization is scale 1.0, zero
+point -128: the device feeds ``pixel - 128`` with no rounding at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from convert.export import INPUT_NAME
+
+log = logging.getLogger(__name__)
+
+# onnx2tf checks its output against this sample file and downloads it when it
+# is missing, which crashes offline; we write it ourselves from real images.
+ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+
+
+@contextlib.contextmanager
+def _cwd(path: Path):
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def to_int8_tflite(onnx_path: Path, calib_rgb: np.ndarray, out_dir: Path, *, edgetpu_friendly: bool = True) -> Path:
+    """Convert and return the path of the full-integer model.
+
+    ``calib_rgb`` is (N,S,S,3) uint8 produced by ``device.preprocess`` (the
+    same code the Pi runs). onnx2tf feeds ``(x - mean) / std`` to the
+    calibrator; mean 0 and std 1 keep the pixels as they are.
+    """
+    import onnx2tf
+    from PIL import Image
+
+    out_dir = Path(out_dir).resolve()
+    onnx_path = Path(onnx_path).resolve()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    calib = calib_rgb.astype(np.float32)
+    np.save(out_dir / "calibration.npy", calib)
+    sample = np.stack([np.asarray(Image.fromarray(im).resize((128, 128), Image.Resampling.BILINEAR))
+                       for im in calib_rgb[:20]]).astype(np.float32) / 255.0
+    np.save(out_dir / ONNX2TF_SAMPLE, sample)
+    mean = np.zeros((1, 1, 1, 3), np.float32)
+    std = np.ones((1, 1, 1, 3), np.float32)
+    with _cwd(out_dir):
+        onnx2tf.convert(
+            input_onnx_file_path=str(onnx_path),
+            output_folder_path=str(out_dir / "tf"),
+            output_integer_quantized_tflite=True,
+            quant_type="per-channel",
+            input_quant_dtype="int8",
+            output_quant_dtype="int8",
+            custom_input_op_name_np_data_path=[[INPUT_NAME, str(out_dir / "calibration.npy"), mean, std]],
+            # Edge TPU has no LEAKY_RELU kernel: rewrite as max(x, 0.1x) with supported ops.
+            replace_to_pseudo_operators=["leakyrelu"] if edgetpu_friendly else [],
+            non_verbose=True,
+        )
+    found = sorted((out_dir / "tf").glob("*_full_integer_quant.tflite"))
+    if not found:
+        raise RuntimeError(f"onnx2tf wrote no *_full_integer_quant.tflite into {out_dir / 'tf'}")
+    return found[0]
+
+
+def op_types(model_path: Path) -> dict[str, int]:
+    """Op types of the final graph and their counts (from the interpreter itself)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(model_path))
+    counts: dict[str, int] = {}
+    for op in interp._get_ops_details():  # noqa: SLF001 (the public API has no op listing)
+        counts[op["op_name"]] = counts.get(op["op_name"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def compile_edgetpu(model_path: Path, out_dir: Path) -> Path | None:
+    """Run Coral's ``edgetpu_compiler`` when installed; otherwise say what to install."""
+    exe = shutil.which("edgetpu_compiler")
+    if exe is None:
+        log.warning("edgetpu_compiler not found: the bundle ships without an Edge TPU model. Install it from "
+                    "Coral's apt repository (x86-64 only): https://coral.ai/docs/edgetpu/compiler/ "
+                    "(apt-get install edgetpu-compiler), then run `python -m convert edgetpu`")
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    subprocess.run([exe, "-s", "-o", str(out_dir), str(model_path)], check=True)
+    out = out_dir / (model_path.stem + "_edgetpu.tflite")
+    return out if out.exists() else None

@@ -1,0 +1,264 @@
+"""The toolchain's steps and their currency checks.
+
+Each step reads files from the work folder and writes files there; a stamp
+(hash of its input files and parameters) lets ``python -m convert all``
+skip steps whose outputs are current. Timings are kept for the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from convert import data
+from device.bundle import sha256_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Options:
+    data: Path
+    work: Path
+    models: Path
+    test_fraction: float = 0.3
+    block: int = 5
+    seed: int = 0
+    calib: int = 256
+    edgetpu_friendly: bool = True
+    criterion: str = "MIQ"
+    folds: int = 10
+    force: bool = False
+
+
+# --------------------------------------------------------------------------- stamps
+def _stamp_path(o: Options, step: str) -> Path:
+    return o.work / "stamps" / f"{step}.json"
+
+
+def _inputs_hash(inputs: list[Path], params: dict) -> str:
+    h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    for p in inputs:
+        h.update(f"{p.name}:{sha256_file(p) if p.exists() else 'missing'}".encode())
+    return h.hexdigest()
+
+
+def current(o: Options, step: str, inputs: list[Path], outputs: list[Path], params: dict) -> bool:
+    sp = _stamp_path(o, step)
+    if o.force or not sp.exists() or not all(p.exists() for p in outputs):
+        return False
+    return json.loads(sp.read_text()).get("inputs") == _inputs_hash(inputs, params)
+
+
+def stamp(o: Options, step: str, inputs: list[Path], params: dict, seconds: float, **info) -> None:
+    sp = _stamp_path(o, step)
+    sp.parent.mkdir(parents=True, exist_ok=True)
+    sp.write_text(json.dumps({"inputs": _inputs_hash(inputs, params), "seconds": seconds, **info}, indent=1))
+
+
+def step_seconds(o: Options) -> dict[str, float]:
+    out = {}
+    for p in sorted((o.work / "stamps").glob("*.json")):
+        out[p.stem] = json.loads(p.read_text()).get("seconds", 0.0)
+    return out
+
+
+def run_step(o: Options, step: str, inputs: list[Path], outputs: list[Path], params: dict, fn) -> bool:
+    """Run ``fn()`` unless current; returns True when it ran."""
+    if current(o, step, inputs, outputs, params):
+        log.info("%s: current, skipped", step)
+        return False
+    t0 = time.time()
+    log.info("%s: running", step)
+    info = fn() or {}
+    stamp(o, step, inputs, params, time.time() - t0, **info)
+    log.info("%s: done in %.1f s", step, time.time() - t0)
+    return True
+
+
+# --------------------------------------------------------------------------- paths
+def paths(o: Options) -> dict[str, Path]:
+    w = o.work
+    return {"split": w / "split.json", "weights": w / "darknet19.pt", "onnx": w / "darknet19.onnx",
+            "export": w / "export.json", "tflite": w / "darknet19_int8.tflite", "quant": w / "quantize.json",
+            "edgetpu": w / "darknet19_int8_edgetpu.tflite", "features": w / "features.npz",
+            "head": w / "head.npz", "selection": w / "selection.json"}
+
+
+def _load(o: Options, part: str, size: int, samples=None):
+    classes, parts, doc = data.read_split(paths(o)["split"])
+    root = Path(doc["data_root"])
+    items = parts[part] if samples is None else samples
+    x = data.load_rgb(root, items, size)
+    y = np.array([classes.index(s.label) for s in items])
+    return classes, x, y, items
+
+
+# --------------------------------------------------------------------------- steps
+def split(o: Options) -> None:
+    p = paths(o)["split"]
+
+    def go():
+        scan = data.scan(o.data)
+        parts = data.split(scan.samples, o.test_fraction, o.block, o.seed)
+        data.write_split(p, scan, parts, test_fraction=o.test_fraction, block=o.block, seed=o.seed)
+        print(f"split: {len(parts['train'])} train / {len(parts['test'])} test, {len(scan.duplicates)} duplicates "
+              f"dropped, {len(scan.skipped)} unreadable skipped -> {p}")
+        return {"train": len(parts["train"]), "test": len(parts["test"])}
+
+    params = {"data": str(Path(o.data).resolve()), "tf": o.test_fraction, "block": o.block, "seed": o.seed}
+    # The data folder is an input too: re-scan when its listing changes.
+    listing = sorted(str(q.relative_to(o.data)) + str(q.stat().st_size) for q in Path(o.data).rglob("*") if q.is_file()) \
+        if Path(o.data).is_dir() else []
+    params["listing"] = hashlib.sha256("\n".join(listing).encode()).hexdigest()
+    run_step(o, "split", [], [p], params, go)
+
+
+def train(o: Options, cfg) -> None:
+    import torch
+
+    from convert.train import train as train_net
+
+    pp = paths(o)
+
+    def go():
+        classes, xtr, ytr, _ = _load(o, "train", cfg.size)
+        _, xte, yte, _ = _load(o, "test", cfg.size)
+        t0 = time.time()
+        net = train_net(cfg, xtr, ytr, xte, yte, len(classes), o.work / "train")
+        torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()},
+                    "classes": classes, "width": cfg.width,
+                    "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
+                    "seconds": time.time() - t0}, pp["weights"])
+        return {"epochs": cfg.epochs}
+
+    run_step(o, "train", [pp["split"]], [pp["weights"]], {f.name: getattr(cfg, f.name) for f in fields(cfg)}, go)
+
+
+def trained_size(o: Options) -> int:
+    import torch
+
+    return int(torch.load(paths(o)["weights"], map_location="cpu", weights_only=False)["config"]["size"])
+
+
+def export(o: Options) -> None:
+    from convert.export import export_onnx, float_features_onnx, float_features_torch, load_trained
+
+    pp = paths(o)
+
+    def go():
+        net, state = load_trained(pp["weights"])
+        size = int(state["config"]["size"])
+        export_onnx(net, pp["onnx"], size)
+        _, x, _, _ = _load(o, "test", size)
+        x = x[:16]
+        a, b = float_features_torch(net, x), float_features_onnx(pp["onnx"], x)
+        diff = float(np.abs(a - b).max())
+        rel = diff / float(np.abs(a).max())
+        pp["export"].write_text(json.dumps({"max_abs_diff": diff, "max_rel_diff": rel, "images": len(x)}, indent=1))
+        print(f"ONNX vs PyTorch on {len(x)} real test images: max |diff| {diff:.3g} ({rel:.2g} of max activation)")
+        return {"max_abs_diff": diff}
+
+    run_step(o, "export", [pp["weights"], pp["split"]], [pp["onnx"], pp["export"]], {}, go)
+
+
+def quantize(o: Options) -> None:
+    from convert.quantize import op_types, to_int8_tflite
+
+    pp = paths(o)
+
+    def go():
+        import shutil
+
+        size = trained_size(o)
+        classes, parts, _ = data.read_split(pp["split"])
+        rng = np.random.default_rng(o.seed)
+        train_items = parts["train"]
+        chosen = [train_items[i] for i in sorted(rng.permutation(len(train_items))[:o.calib])]
+        _, x, _, _ = _load(o, "train", size, chosen)
+        if len(x) < 200:
+            log.warning("calibrating on %d images (< 200): fine for tests, not for a shipped model", len(x))
+        out = to_int8_tflite(pp["onnx"], x, o.work / "onnx2tf", edgetpu_friendly=o.edgetpu_friendly)
+        shutil.copyfile(out, pp["tflite"])
+        ops = op_types(pp["tflite"])
+        info = {"calibration_images": len(x), "op_types": ops, "edgetpu_friendly": o.edgetpu_friendly,
+                "calibration_names": [s.path for s in chosen]}
+        pp["quant"].write_text(json.dumps(info, indent=1))
+        print(f"int8 TFLite: {pp['tflite']} ({pp['tflite'].stat().st_size / 1e6:.1f} MB), ops {ops}")
+        return {"calibration_images": len(x)}
+
+    run_step(o, "quantize", [pp["onnx"], pp["split"]], [pp["tflite"], pp["quant"]],
+             {"calib": o.calib, "etpu": o.edgetpu_friendly, "seed": o.seed}, go)
+
+
+def edgetpu(o: Options) -> Path | None:
+    from convert.quantize import compile_edgetpu
+
+    pp = paths(o)
+    out = compile_edgetpu(pp["tflite"], o.work / "edgetpu")
+    if out is None:
+        pp["edgetpu"].unlink(missing_ok=True)
+        return None
+    out.replace(pp["edgetpu"])
+    return pp["edgetpu"]
+
+
+def features(o: Options) -> None:
+    from convert.export import float_features_onnx
+    from convert.train import SCALE_BAR_BOX
+    from device.classifier import model_features
+    from device.inference import TFLiteModel
+
+    pp = paths(o)
+
+    def go():
+        model = TFLiteModel(pp["tflite"], num_threads=2)
+        size = model.input_spec.size
+        classes, xtr, ytr, _ = _load(o, "train", size)
+        _, xte, yte, items = _load(o, "test", size)
+        t0 = time.time()
+        f_tr = np.stack([model_features(model, im) for im in xtr])
+        f_te = np.stack([model_features(model, im) for im in xte])
+        per_image = (time.time() - t0) / (len(xtr) + len(xte))
+        masked = xte.copy()
+        rows, cols = SCALE_BAR_BOX
+        if size == 224:
+            fill = np.median(masked.reshape(len(masked), -1, 3), axis=1).astype(np.uint8)
+            masked[:, rows, cols] = fill[:, None, None, :]
+        f_mask = np.stack([model_features(model, im) for im in masked])
+        f_float = float_features_onnx(pp["onnx"], xte)
+        np.savez_compressed(pp["features"], train=f_tr, test=f_te, test_masked=f_mask, test_float=f_float,
+                            y_train=ytr, y_test=yte, classes=np.array(classes),
+                            test_names=np.array([s.path for s in items]),
+                            out_scale=np.float64(model.output_spec.scale))
+        print(f"features: {f_tr.shape[0]} train + {f_te.shape[0]} test through device/ int8 code "
+              f"({per_image * 1000:.0f} ms/image here)")
+        return {"ms_per_image": per_image * 1000}
+
+    run_step(o, "features", [pp["tflite"], pp["onnx"], pp["split"]], [pp["features"]], {}, go)
+
+
+def head(o: Options) -> None:
+    from convert.fit import choose_k, fit_head
+    from device.head import save_head
+
+    pp = paths(o)
+
+    def go():
+        z = np.load(pp["features"])
+        classes = [data.DISPLAY_NAMES.get(c, c) for c in z["classes"]]
+        sel = choose_k(z["train"], z["y_train"], criterion=o.criterion, seed=o.seed)
+        h, _, _ = fit_head(z["train"], z["y_train"], classes, sel.ranking[:sel.k], sel.C, o.seed)
+        save_head(pp["head"], h)
+        pp["selection"].write_text(json.dumps({"k": sel.k, "C": sel.C, "criterion": o.criterion,
+                                               "ranking": sel.ranking.tolist(), "cv": sel.cv}, indent=1))
+        print(f"head: mRMR ({o.criterion}) k={sel.k} (paper: 521), C={sel.C}, OOD threshold {h.ood_threshold:.2f}")
+        return {"k": sel.k, "C": sel.C}
+
+    run_step(o, "head", [pp["features"]], [pp["head"], pp["selection"]], {"criterion": o.criterion, "seed": o.seed}, go)

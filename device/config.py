@@ -1,0 +1,409 @@
+"""The appliance's settings: TOML (stdlib ``tomllib``) into frozen dataclasses.
+
+Every key is declared here with its type, default and allowed values, so a
+typo or an out-of-range number is refused at start-up with the dotted key,
+the bad value and what is allowed, instead of being silently ignored on a
+machine with no screen. ``python -m device check-config`` prints the result.
+
+Relative paths in a config file are resolved against the LeukoScreen
+checkout (the folder holding ``device/``), so ``make run``, the systemd unit
+and the tests see the same files whatever the working directory is.
+
+``"auto"`` (camera source, GPIO mock) means: picamera2 and real GPIO on a
+Raspberry Pi (detected from ``/proc/device-tree/model``), the sample replay
+and gpiozero's ``MockFactory`` everywhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from device.errors import ConfigError
+from device.quality import QualityThresholds
+
+log = logging.getLogger(__name__)
+
+#: The checkout: the folder that holds ``device/`` (and ``models/``).
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG = PACKAGE_DIR / "config" / "default.toml"
+PI_MODEL_FILE = Path("/proc/device-tree/model")
+
+CAMERA_SOURCES = ("auto", "picamera2", "replay", "files", "synthetic")
+TRIGGER_MODES = ("continuous", "button")
+MOCK_CHOICES = ("auto", "yes", "no")
+#: BCM numbers usable as plain GPIO on a 40-pin header (0/1 are the HAT EEPROM bus).
+GPIO_PINS = tuple(range(2, 28))
+
+
+def _choices(*values: Any) -> dict:
+    return {"choices": tuple(values)}
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict:
+    return {"min": lo, "max": hi}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: which bundle to load and how to run it."""
+
+    dir: Path = Path("models")
+    threads: int = field(default=4, metadata=_range(1, 16))
+    use_edgetpu: bool = True
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """``[camera]``: where frames come from."""
+
+    source: str = field(default="auto", metadata=_choices(*CAMERA_SOURCES))
+    replay_dir: Path = Path("device/samples")
+    files: tuple[Path, ...] = ()
+    #: Camera stream size (width, height); the centre square is what is classified.
+    size: tuple[int, int] = field(default=(1014, 760), metadata=_range(64, 8192))
+    #: Replay/files/synthetic only: how long each image stays "in view" (a still field that the loop's change
+    #: detection skips) before the next one, like a technician moving the slide. A camera paces itself.
+    interval_ms: int = field(default=3000, metadata=_range(0, 600_000))
+    #: Auto exposure / white balance run this long after start, then are locked.
+    lock_after_s: float = field(default=2.0, metadata=_range(0.0, 60.0))
+    #: A read that takes longer than this is a hung camera (fault, retry).
+    read_timeout_s: float = field(default=5.0, metadata=_range(0.1, 120.0))
+    #: Back-off between reconnect attempts after a camera fault: starts here, doubles, capped.
+    retry_min_s: float = field(default=1.0, metadata=_range(0.01, 600.0))
+    retry_max_s: float = field(default=30.0, metadata=_range(0.01, 3600.0))
+    #: Synthetic source only: the seed of its deterministic frames.
+    seed: int = field(default=0, metadata=_range(0, None))
+
+
+@dataclass(frozen=True)
+class TriggerConfig:
+    """``[trigger]``: when a field is classified."""
+
+    mode: str = field(default="continuous", metadata=_choices(*TRIGGER_MODES))
+    #: Continuous mode: a field is classified at most this often.
+    interval_ms: int = field(default=1000, metadata=_range(0, 600_000))
+    #: Continuous mode: mean absolute change (0..255, grey 32x32 thumbnail) below which a frame
+    #: counts as the same field and is skipped.
+    change_threshold: float = field(default=3.0, metadata=_range(0.0, 255.0))
+
+
+@dataclass(frozen=True)
+class GpioConfig:
+    """``[gpio]``: BCM pin numbers; buzzer 0 = none."""
+
+    green: int = field(default=17, metadata=_choices(*GPIO_PINS))
+    amber: int = field(default=27, metadata=_choices(*GPIO_PINS))
+    red: int = field(default=22, metadata=_choices(*GPIO_PINS))
+    button: int = field(default=23, metadata=_choices(*GPIO_PINS))
+    buzzer: int = field(default=0, metadata=_choices(0, *GPIO_PINS))
+    #: "auto": real pins on a Pi, gpiozero's MockFactory elsewhere; "yes": always mock; "no": never.
+    mock: str = field(default="auto", metadata=_choices(*MOCK_CHOICES))
+    #: Holding the button this long (then releasing) starts/ends a slide.
+    long_press_s: float = field(default=2.0, metadata=_range(0.2, 30.0))
+    #: Button debounce.
+    bounce_ms: int = field(default=30, metadata=_range(0, 1000))
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """``[store]``: where results are kept."""
+
+    #: "" = $STATE_DIRECTORY under systemd, else ./state in the checkout.
+    state_dir: Path | None = None
+    #: Frame JPEGs are pruned, oldest first, to stay under this; records are never pruned.
+    image_budget_mb: int = field(default=2048, metadata=_range(0, 1_000_000))
+    #: Below this much free disk no more JPEGs are written (records still are).
+    reserve_mb: int = field(default=200, metadata=_range(0, 1_000_000))
+    jpeg_quality: int = field(default=90, metadata=_range(30, 100))
+    save_images: bool = True
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """``[web]``: the local status page."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default=8080, metadata=_range(1, 65535))
+    #: "" = generate one on first start and keep it in the state dir (file ``token``).
+    token: str = ""
+    max_upload_mb: int = field(default=10, metadata=_range(1, 200))
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """``[alerts]``: slide verdict rules and the alarm."""
+
+    #: A slide is called ALL once ALL is confidently seen in this many fields.
+    all_fields: int = field(default=2, metadata=_range(1, 1000))
+    #: A slide is called benign after this many confident benign fields and no ALL.
+    benign_fields: int = field(default=10, metadata=_range(1, 10000))
+    #: The ALL subtype is reported when this share of the ALL fields agree on it.
+    subtype_agreement: float = field(default=0.6, metadata=_range(0.0, 1.0))
+    #: The slide is referred when this share of its classified fields were referred.
+    refer_fraction: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    #: Sound the buzzer (when wired) while an ALL alarm is unacknowledged.
+    buzzer: bool = True
+    #: Half-period of the blinking patterns.
+    blink_s: float = field(default=0.4, metadata=_range(0.05, 5.0))
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    camera: CameraConfig = CameraConfig()
+    trigger: TriggerConfig = TriggerConfig()
+    quality: QualityThresholds = QualityThresholds()
+    gpio: GpioConfig = GpioConfig()
+    store: StoreConfig = StoreConfig()
+    web: WebConfig = WebConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    #: The file it came from (None: built-in defaults).
+    path: Path | None = field(default=None, compare=False)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "path"}
+
+
+# -- parsing ---------------------------------------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, globalns=globals())
+
+
+def _fmt(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _allowed(hint: Any, meta: dict) -> str:
+    if "choices" in meta:
+        return "one of " + ", ".join(_fmt(c) for c in meta["choices"])
+    lo, hi = meta.get("min"), meta.get("max")
+    base = {int: "an integer", float: "a number", bool: "true or false", str: "a string", Path: "a path string"}
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        kind = f"a list of {len(args)} integers" if ... not in args else "a list of path strings"
+    elif origin in (types.UnionType, typing.Union):
+        kind = "a path string (\"\" for the default)"
+    else:
+        kind = base.get(hint, str(hint))
+    if lo is not None and hi is not None:
+        return f"{kind} from {lo} to {hi}"
+    if lo is not None:
+        return f"{kind} >= {lo}"
+    return kind
+
+
+def _bad(where: str, key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{where}: {key} = {_fmt(value)} is not allowed; use {allowed}")
+
+
+def _convert(where: str, key: str, value: Any, hint: Any, meta: dict) -> Any:
+    """Check and convert one TOML value to the declared type."""
+    allowed = _allowed(hint, meta)
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):  # Path | None: "" means the default
+        if value == "":
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _bad(where, key, value, allowed)
+        out: Any = value
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad(where, key, value, allowed)
+        out = value
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise _bad(where, key, value, allowed)
+        out = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise _bad(where, key, value, allowed)
+        out = value
+    elif hint is Path:
+        if not isinstance(value, str) or not value:
+            raise _bad(where, key, value, allowed)
+        out = Path(value)
+    elif origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise _bad(where, key, value, allowed)
+        if ... in args:  # tuple[Path, ...]
+            if not all(isinstance(v, str) and v for v in value):
+                raise _bad(where, key, value, allowed)
+            return tuple(Path(v) for v in value)
+        if len(value) != len(args) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise _bad(where, key, value, allowed)
+        for v in value:
+            _check_range(where, key, value, v, meta, allowed)
+        return tuple(value)
+    else:  # pragma: no cover - a declaration error, not a user error
+        raise TypeError(f"config field {key} has unsupported type {hint}")
+    if "choices" in meta and out not in meta["choices"]:
+        raise _bad(where, key, value, allowed)
+    if not isinstance(out, bool) and isinstance(out, int | float):
+        _check_range(where, key, value, out, meta, allowed)
+    return out
+
+
+def _check_range(where: str, key: str, value: Any, v: float, meta: dict, allowed: str) -> None:
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise _bad(where, key, value, allowed)
+
+
+def _section(where: str, name: str, cls: type, table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: '{name}' must be a table ([{name}]), not {_fmt(table)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key {name}.{key}; [{name}] accepts "
+                              f"{', '.join(sorted(fields))}")
+        kwargs[key] = _convert(where, f"{name}.{key}", value, hints[key], dict(fields[key].metadata))
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a dataclass __post_init__ check (e.g. quality thresholds)
+        raise ConfigError(f"{where}: [{name}] {exc}") from exc
+
+
+def parse(doc: dict, where: str = "<config>") -> Config:
+    """A parsed TOML document into a :class:`Config`; every problem is a :class:`ConfigError`."""
+    sections = {}
+    for name, table in doc.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section [{name}]; sections are "
+                              f"{', '.join('[' + s + ']' for s in SECTIONS)}")
+        sections[name] = _section(where, name, SECTIONS[name], table)
+    cfg = Config(**sections)
+    _cross_checks(cfg, where)
+    return cfg
+
+
+def _cross_checks(cfg: Config, where: str) -> None:
+    g = cfg.gpio
+    pins = {"gpio.green": g.green, "gpio.amber": g.amber, "gpio.red": g.red, "gpio.button": g.button}
+    if g.buzzer:
+        pins["gpio.buzzer"] = g.buzzer
+    seen: dict[int, str] = {}
+    for key, pin in pins.items():
+        if pin in seen:
+            raise ConfigError(f"{where}: {key} = {pin} is already used by {seen[pin]}; give each device its own pin")
+        seen[pin] = key
+    if cfg.camera.retry_max_s < cfg.camera.retry_min_s:
+        raise ConfigError(f"{where}: camera.retry_max_s = {cfg.camera.retry_max_s} is below camera.retry_min_s = "
+                          f"{cfg.camera.retry_min_s}; use a value >= {cfg.camera.retry_min_s}")
+    if cfg.camera.source == "files" and not cfg.camera.files:
+        raise ConfigError(f"{where}: camera.source = 'files' needs camera.files = [\"a.jpg\", ...]; "
+                          "list the images to classify")
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Read a TOML file (``None``: the built-in defaults, no file)."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found; check --config or copy "
+                          f"{DEFAULT_CONFIG.relative_to(PROJECT_ROOT)}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc})") from exc
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax") from exc
+    return dataclasses.replace(parse(doc, str(path)), path=path)
+
+
+# -- resolving "auto" and paths ---------------------------------------------------------------------------
+
+
+def is_raspberry_pi(model_file: Path = PI_MODEL_FILE) -> bool:
+    """True on a Raspberry Pi (the device tree names the board)."""
+    try:
+        return "raspberry pi" in model_file.read_bytes().decode("ascii", "ignore").lower()
+    except OSError:
+        return False
+
+
+def resolve_path(p: Path, root: Path = PROJECT_ROOT) -> Path:
+    p = p.expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def default_state_dir(env: dict[str, str] | None = None) -> Path:
+    """``$STATE_DIRECTORY`` (systemd's StateDirectory=, first entry) or ``./state`` in the checkout."""
+    env = os.environ if env is None else env
+    sd = env.get("STATE_DIRECTORY", "")
+    if sd:
+        return Path(sd.split(":")[0])
+    return PROJECT_ROOT / "state"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The concrete choices made from a config on this machine."""
+
+    config: Config
+    on_pi: bool
+    source: str  # "picamera2" | "replay" | "files" | "synthetic"
+    mock_gpio: bool
+    model_dir: Path
+    replay_dir: Path
+    files: tuple[Path, ...]
+    state_dir: Path
+
+
+def resolve(cfg: Config, *, on_pi: bool | None = None, env: dict[str, str] | None = None) -> Resolved:
+    """Decide ``auto`` values and make every path absolute."""
+    on_pi = is_raspberry_pi() if on_pi is None else on_pi
+    source = cfg.camera.source
+    if source == "auto":
+        source = "picamera2" if on_pi else "replay"
+    mock = {"auto": not on_pi, "yes": True, "no": False}[cfg.gpio.mock]
+    state = resolve_path(cfg.store.state_dir) if cfg.store.state_dir is not None else default_state_dir(env)
+    return Resolved(config=cfg, on_pi=on_pi, source=source, mock_gpio=mock,
+                    model_dir=resolve_path(cfg.model.dir), replay_dir=resolve_path(cfg.camera.replay_dir),
+                    files=tuple(resolve_path(f) for f in cfg.camera.files), state_dir=state)
+
+
+def to_toml(cfg: Config) -> str:
+    """The effective config as TOML (what ``check-config`` prints)."""
+    lines = []
+    for name in SECTIONS:
+        lines.append(f"[{name}]")
+        section = getattr(cfg, name)
+        for f in dataclasses.fields(section):
+            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if v is None:
+        return '""'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v)
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
