@@ -1,0 +1,80 @@
+import shutil
+
+import pytest
+
+from convert import data
+
+
+def _copy(src, dst, per_class=None):
+    for cls in sorted(p.name for p in src.iterdir()):
+        (dst / cls).mkdir(parents=True)
+        for f in sorted((src / cls).iterdir())[:per_class]:
+            shutil.copy(f, dst / cls / f.name)
+    return dst
+
+
+def test_scan_counts_classes_and_hashes(smear_dir):
+    scan = data.scan(smear_dir)
+    assert scan.classes == ["Benign", "Early", "Pre", "Pro"]
+    assert len(scan.samples) == 32
+    assert len({s.sha256 for s in scan.samples}) == 32
+    assert all(s.number > 0 for s in scan.samples)
+
+
+def test_scan_drops_duplicates_and_lists_corrupt_files(smear_dir, tmp_path):
+    root = _copy(smear_dir, tmp_path / "d")
+    first = sorted((root / "Pro").iterdir())[0]
+    shutil.copy(first, root / "Pro" / "WBC-Malignant-Pro-999.jpg")  # byte duplicate
+    (root / "Pre" / "broken.jpg").write_bytes(first.read_bytes()[:300])  # truncated JPEG
+    (root / "Pre" / "notes.txt").write_text("not an image")
+    scan = data.scan(root)
+    assert len(scan.samples) == 32
+    assert [d[0] for d in scan.duplicates] == ["Pro/WBC-Malignant-Pro-999.jpg"]
+    skipped = dict(scan.skipped)
+    assert "Pre/broken.jpg" in skipped and "Pre/notes.txt" in skipped
+
+
+def test_missing_folder_and_empty_class_are_named(tmp_path):
+    with pytest.raises(data.DatasetError, match="does not exist"):
+        data.scan(tmp_path / "nope")
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    (tmp_path / "B" / "x.txt").write_text("x")
+    with pytest.raises(data.DatasetError, match=r"class folder .*A has no usable image"):
+        data.scan(tmp_path)
+
+
+def test_split_is_deterministic_stratified_and_keeps_blocks_together(smear_dir):
+    scan = data.scan(smear_dir)
+    a = data.split(scan.samples, 0.25, block=2, seed=0)
+    b = data.split(list(reversed(scan.samples)), 0.25, block=2, seed=0)
+    assert data.split_hash(a) == data.split_hash(b)
+    assert {s.sha256 for s in a["train"]}.isdisjoint({s.sha256 for s in a["test"]})
+    for cls in scan.classes:
+        assert sum(s.label == cls for s in a["test"]) == 2
+    # each block of 2 consecutive numbers sits wholly on one side
+    for cls in scan.classes:
+        items = sorted((s for s in scan.samples if s.label == cls), key=lambda s: s.number)
+        test_ids = {s.sha256 for s in a["test"]}
+        for i in range(0, len(items), 2):
+            sides = {items[j].sha256 in test_ids for j in range(i, min(i + 2, len(items)))}
+            assert len(sides) == 1
+    assert data.split_hash(data.split(scan.samples, 0.25, block=2, seed=1)) != data.split_hash(a)
+
+
+def test_split_file_round_trip(smear_dir, tmp_path):
+    scan = data.scan(smear_dir)
+    parts = data.split(scan.samples, 0.25, block=2)
+    data.write_split(tmp_path / "split.json", scan, parts, block=2)
+    classes, back, doc = data.read_split(tmp_path / "split.json")
+    assert classes == scan.classes and back == parts and doc["hash"] == data.split_hash(parts)
+
+
+@pytest.mark.data
+def test_real_set_has_the_documented_shape(real_data):
+    scan = data.scan(real_data)
+    assert scan.classes == ["Benign", "Early", "Pre", "Pro"]
+    assert len(scan.duplicates) == 40 and all(d[0].startswith("Pro/") for d in scan.duplicates)
+    assert len(scan.samples) == 2767 - 40
+    parts = data.split(scan.samples)
+    assert abs(len(parts["test"]) / len(scan.samples) - 0.3) < 0.01

@@ -1,0 +1,80 @@
+"""The whole toolchain end to end on the committed fixture images (about 2 minutes).
+
+train -> ONNX -> int8 TFLite -> features through device/ -> mRMR -> SVM -> bundle,
+then device/ loads the bundle and classifies.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from convert import cli
+from convert.data import load_rgb, read_split
+from device.bundle import load_bundle
+from device.classifier import Classifier
+from device.preprocess import fit_square, load_image
+
+ARGS = ["--width", "0.125", "--size", "64", "--low-size", "64", "--low-epochs", "2", "--high-epochs", "0",
+        "--batch", "8", "--block", "2", "--test-fraction", "0.25", "--calib", "24", "--folds", "3"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, smear_dir):
+    tmp = tmp_path_factory.mktemp("chain")
+    argv = ["all", "--data", str(smear_dir), "--work", str(tmp / "work"), "--models", str(tmp / "models"), *ARGS]
+    assert cli.main(argv) == 0
+    return tmp, argv
+
+
+@pytest.mark.slow
+def test_chain_builds_a_bundle_the_device_accepts(built, smear_dir):
+    tmp, _ = built
+    bundle = load_bundle(tmp / "models")
+    manifest = json.loads((tmp / "models" / "manifest.json").read_text())
+    assert bundle.classes == ("Benign", "Early Pre-B", "Pre-B", "Pro-B")
+    assert manifest["input"]["dtype"] == "int8" and manifest["output"]["features"] == 1000
+    assert manifest["quantization"]["calibration_images"] == 24
+    assert "LEAKY_RELU" not in manifest["quantization"]["op_types"]  # Edge-TPU-friendly graph
+    assert manifest["split"]["train"] == 24 and manifest["split"]["test"] == 8
+    for key in ("accuracy_int8_svm", "int8_float_agreement", "all_sensitivity"):
+        assert 0.0 <= manifest["metrics"][key] <= 1.0
+    report = (tmp / "models" / "REPORT.md").read_text()
+    assert "Table 2" in report and "Table 3" in report and "scale-bar" in report
+    clf = Classifier.open(bundle, num_threads=1)
+    img = next((smear_dir / "Pre").iterdir())
+    v = clf.classify(np.asarray(load_image(img))).verdict
+    assert v.status in ("ok", "refer") and abs(sum(v.scores.values()) - 1) < 1e-6
+
+
+@pytest.mark.slow
+def test_head_was_fitted_on_exactly_what_the_device_computes(built):
+    tmp, _ = built
+    work = tmp / "work"
+    z = np.load(work / "features.npz")
+    classes, parts, doc = read_split(work / "split.json")
+    clf = Classifier.open(load_bundle(tmp / "models"), num_threads=1)
+    from pathlib import Path
+
+    rgb = load_rgb(Path(doc["data_root"]), parts["test"][:3], 64)
+    for i in range(3):
+        np.testing.assert_array_equal(clf.features(rgb[i]), z["test"][i])
+        # and the device's camera path (arbitrary frame -> square) gives the same pixels
+        img = load_image(Path(doc["data_root"]) / parts["test"][i].path)
+        np.testing.assert_array_equal(fit_square(img, 64), rgb[i])
+
+
+@pytest.mark.slow
+def test_second_run_skips_current_steps(built, capsys):
+    tmp, argv = built
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp / "work").iterdir() if p.is_file()}
+    assert cli.main([*argv[:1], *argv[1:]]) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp / "work").iterdir() if p.is_file()}
+    for name in ("darknet19.pt", "darknet19.onnx", "darknet19_int8.tflite", "features.npz", "head.npz"):
+        assert before[name] == after[name], f"{name} was rebuilt although current"
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
+    rc = cli.main(["split", "--data", str(tmp_path / "absent"), "--work", str(tmp_path / "w")])
+    assert rc == 2
+    assert "does not exist" in capsys.readouterr().err
