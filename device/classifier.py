@@ -81,7 +81,7 @@ class Classifier:
         self.bundle, self.model = bundle, model
 
     @classmethod
-    def open(cls, bundle: Bundle, *, num_threads: int = 4, use_edgetpu: bool = True) -> "Classifier":
+    def open(cls, bundle: Bundle, *, num_threads: int = 4, use_edgetpu: bool = True) -> Classifier:
         model = TFLiteModel(bundle.model_path, num_threads=num_threads, edgetpu_path=bundle.edgetpu_path,
                             use_edgetpu=use_edgetpu)
         clf = cls(bundle, model)

@@ -40,8 +40,6 @@ PI_MODEL_FILE = Path("/proc/device-tree/model")
 CAMERA_SOURCES = ("auto", "picamera2", "replay", "files", "synthetic")
 TRIGGER_MODES = ("continuous", "button")
 MOCK_CHOICES = ("auto", "yes", "no")
-#: BCM numbers usable as plain GPIO on a 40-pin header (0/1 are the HAT EEPROM bus).
-GPIO_PINS = tuple(range(2, 28))
 
 
 def _choices(*values: Any) -> dict:
@@ -68,6 +66,8 @@ class CameraConfig:
     source: str = field(default="auto", metadata=_choices(*CAMERA_SOURCES))
     replay_dir: Path = Path("device/samples")
     files: tuple[Path, ...] = ()
+    #: Replay/files: start again after the last image (false: stop capturing, uploads still work).
+    loop: bool = True
     #: Camera stream size (width, height); the centre square is what is classified.
     size: tuple[int, int] = field(default=(1014, 760), metadata=_range(64, 8192))
     #: Replay/files/synthetic only: how long each image stays "in view" (a still field that the loop's change
@@ -98,13 +98,13 @@ class TriggerConfig:
 
 @dataclass(frozen=True)
 class GpioConfig:
-    """``[gpio]``: BCM pin numbers; buzzer 0 = none."""
+    """``[gpio]``: BCM pin numbers 2..27 (0 and 1 are the HAT EEPROM bus); buzzer 0 = none."""
 
-    green: int = field(default=17, metadata=_choices(*GPIO_PINS))
-    amber: int = field(default=27, metadata=_choices(*GPIO_PINS))
-    red: int = field(default=22, metadata=_choices(*GPIO_PINS))
-    button: int = field(default=23, metadata=_choices(*GPIO_PINS))
-    buzzer: int = field(default=0, metadata=_choices(0, *GPIO_PINS))
+    green: int = field(default=17, metadata=_range(2, 27))
+    amber: int = field(default=27, metadata=_range(2, 27))
+    red: int = field(default=22, metadata=_range(2, 27))
+    button: int = field(default=23, metadata=_range(2, 27))
+    buzzer: int = field(default=0, metadata=_range(0, 27))
     #: "auto": real pins on a Pi, gpiozero's MockFactory elsewhere; "yes": always mock; "no": never.
     mock: str = field(default="auto", metadata=_choices(*MOCK_CHOICES))
     #: Holding the button this long (then releasing) starts/ends a slide.
@@ -132,7 +132,8 @@ class WebConfig:
     """``[web]``: the local status page."""
 
     host: str = "127.0.0.1"
-    port: int = field(default=8080, metadata=_range(1, 65535))
+    #: 0 picks a free port (tests).
+    port: int = field(default=8080, metadata=_range(0, 65535))
     #: "" = generate one on first start and keep it in the state dir (file ``token``).
     token: str = ""
     max_upload_mb: int = field(default=10, metadata=_range(1, 200))
@@ -171,7 +172,7 @@ class Config:
     path: Path | None = field(default=None, compare=False)
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "path"}
+SECTIONS: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(Config).items() if name != "path"}
 
 
 # -- parsing ---------------------------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def _section(where: str, name: str, cls: type, table: Any) -> Any:
     try:
         return cls(**kwargs)
     except ValueError as exc:  # a dataclass __post_init__ check (e.g. quality thresholds)
-        raise ConfigError(f"{where}: [{name}] {exc}") from exc
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def parse(doc: dict, where: str = "<config>") -> Config:
@@ -297,6 +298,9 @@ def parse(doc: dict, where: str = "<config>") -> Config:
 
 def _cross_checks(cfg: Config, where: str) -> None:
     g = cfg.gpio
+    if g.buzzer == 1:
+        raise ConfigError(f"{where}: gpio.buzzer = 1 is not allowed; use 0 (no buzzer) or a BCM pin from 2 to 27 "
+                          "(0 and 1 are the HAT EEPROM bus)")
     pins = {"gpio.green": g.green, "gpio.amber": g.amber, "gpio.red": g.red, "gpio.button": g.button}
     if g.buzzer:
         pins["gpio.buzzer"] = g.buzzer

@@ -99,7 +99,8 @@ class LedDriver:
     """
 
     def __init__(self, *, green: int, amber: int, red: int, button: int | None, buzzer: int | None = None,
-                 pin_factory: Any = None, blink_s: float = 0.4, long_press_s: float = 2.0, bounce_s: float | None = None,
+                 pin_factory: Any = None, blink_s: float = 0.4, long_press_s: float = 2.0,
+                 bounce_s: float | None = None,
                  on_short: Callable[[], None] | None = None, on_long: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, autostart: bool = True):
         from gpiozero import LED, Button, Buzzer  # lazy: the pure part needs no GPIO library
@@ -202,7 +203,8 @@ class LedDriver:
             thread.join(timeout=2)
         for dev in reversed(self._devices):
             try:
-                dev.off() if hasattr(dev, "off") else None
+                if hasattr(dev, "off"):
+                    dev.off()
             except Exception:
                 pass
             try:

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ class FieldResult:
 
 
 def iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ class ResultStore:
     """Thread-safe (one lock) store of field results, slides and frame JPEGs in ``state_dir``."""
 
     def __init__(self, state_dir: str | Path, *, image_budget_bytes: int = 2 << 30, reserve_bytes: int = 200 << 20,
-                 jpeg_quality: int = 90, save_images: bool = True):
+                 jpeg_quality: int = 90, save_images: bool = True, busy_timeout_s: float = 5.0):
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / DB_NAME
         self.images_dir = self.state_dir / IMAGES
@@ -205,10 +205,14 @@ class ResultStore:
             raise StoreError(f"{self.images_dir}: cannot create the state folder ({exc.strerror}); "
                              "check [store] state_dir and its permissions") from exc
         try:
-            self._db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL").fetchone()
+            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode}); put the state folder on a "
+                                 "local file system (not NFS or a FAT stick)")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             if row is None:
@@ -317,30 +321,36 @@ class ResultStore:
             if not rows:
                 self._image_bytes, self._image_count = 0, 0
                 return
-            freed: list[Path] = []
-            for _id, rel in rows:
-                freed.append(self.state_dir / rel)
+            excess = self._image_bytes + incoming - self.image_budget_bytes
+            victims: list[tuple[int, Path, int]] = []
+            for id_, rel in rows:  # just enough of the oldest to make room
+                p = self.state_dir / rel
+                try:
+                    size = p.stat().st_size
+                except OSError:
+                    size = 0
+                victims.append((id_, p, size))
+                excess -= size
+                if excess <= 0:
+                    break
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.executemany("UPDATE fields SET image = NULL, image_pruned = 1 WHERE id = ?",
-                                     [(r[0],) for r in rows])
+                                     [(v[0],) for v in victims])
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
                 raise self._error("prune images", exc) from exc
-            for p in freed:  # after the commit: a crash here leaves only strays, removed at next open
+            for _id, p, size in victims:  # after the commit: a crash here leaves only strays, removed at next open
                 try:
-                    size = p.stat().st_size
                     p.unlink()
-                    self._image_bytes -= size
                 except FileNotFoundError:
                     pass
                 except OSError as exc:
                     log.warning("cannot delete pruned image %s: %s", p, exc)
-                self._image_count -= 1
-            self._image_bytes = max(0, self._image_bytes)
-            self._image_count = max(0, self._image_count)
-            log.info("pruned %d oldest frame images to stay within the %d MB budget", len(rows),
+                self._image_bytes = max(0, self._image_bytes - size)
+                self._image_count = max(0, self._image_count - 1)
+            log.debug("pruned %d oldest frame image(s) to stay within the %d MB budget", len(victims),
                      self.image_budget_bytes >> 20)
 
     def _rollback(self) -> None:

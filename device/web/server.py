@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 
-from waitress import wasyncore
+from waitress import trigger, wasyncore
 from waitress.server import create_server
 from waitress.task import ThreadedTaskDispatcher
 
@@ -94,13 +94,11 @@ class WebServer:
                 wasyncore.close_all(self._map)
                 done.set()
 
+            trig = next((d for d in list(self._map.values()) if isinstance(d, trigger.trigger)), None)
             try:
-                self._server.pull_trigger_thunk = None  # (no-op attribute; keeps linters calm about intent)
-                trigger = getattr(self._server, "trigger", None)
-                if trigger is not None:
-                    trigger.pull_trigger(_close_all)
-                else:
-                    _close_all()
+                if trig is None:
+                    raise OSError("no trigger")
+                trig.pull_trigger(_close_all)
             except OSError:
                 _close_all()
             self._thread.join(timeout)

@@ -81,7 +81,7 @@
   function timeText(t) {
     var d = toDate(t);
     if (!d) return "";
-    return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+    return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
   }
 
   function dateTimeText(t) {
@@ -176,9 +176,9 @@
     clear(meta);
     [
       r.id ? "Field " + r.id : null,
-      r.slide_id ? "slide " + r.slide_id : "no slide",
-      r.source ? "source " + r.source : null,
-      r.timings && num(r.timings.invoke_ms) ? "inference " + r.timings.invoke_ms.toFixed(1) + " ms" : null
+      r.slide_id ? "slide " + r.slide_id : (r.source === "upload" ? "uploaded image" : "no slide"),
+      r.name ? r.name : null,
+      r.timings && num(r.timings.invoke) ? "inference " + r.timings.invoke.toFixed(1) + " ms" : null
     ].forEach(function (s) { if (s) meta.appendChild(el("span", { text: s })); });
     $("field-when").textContent = dateTimeText(r.time);
   }
@@ -208,31 +208,42 @@
     });
   }
 
+  // The quality gate's figures (device/quality.py): what they mean and how to print them.
+  var QUALITY = [
+    ["sharpness", "Sharpness", function (v) { return v.toFixed(0); }],
+    ["brightness", "Brightness", function (v) { return v.toFixed(0) + " / 255"; }],
+    ["clipped", "Clipped pixels", function (v) { return pct(v, 1); }],
+    ["stained", "Stained area", function (v) { return pct(v, 2); }]
+  ];
+
   function renderQuality(q) {
     var box = $("quality");
     clear(box);
-    var keys = Object.keys(q);
-    if (!keys.length) {
-      box.appendChild(el("div", { className: "muted", text: "—" }));
-      return;
-    }
-    keys.forEach(function (k) {
-      var v = q[k];
-      var text = num(v) ? (Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 1 ? v.toFixed(2) : v.toFixed(3))
-        : typeof v === "boolean" ? (v ? "yes" : "no") : String(v);
-      box.appendChild(el("div", null, [el("dt", { text: humanKey(k) }), el("dd", { text: text })]));
+    var shown = 0;
+    QUALITY.forEach(function (row) {
+      var v = q[row[0]];
+      if (!num(v)) return;
+      shown++;
+      box.appendChild(el("div", { "data-key": row[0] }, [el("dt", { text: row[1] }), el("dd", { text: row[2](v) })]));
     });
+    if (q.code !== undefined) {
+      box.appendChild(el("div", { "data-key": "gate" }, [
+        el("dt", { text: "Quality gate" }),
+        el("dd", { text: q.ok ? "passed" : "failed (" + String(q.code || "?").replace(/_/g, " ") + ")" })
+      ]));
+      shown++;
+    }
+    if (!shown) box.appendChild(el("div", { className: "muted", text: "—" }));
   }
 
   /* ---- slide -------------------------------------------------------------- */
 
+  // Slide verdicts from device/slides.py: pending | benign | ALL | refer.
+  var SLIDE_TEXT = { ALL: "ALL detected", benign: "No ALL seen (benign)", refer: "Refer to a haematologist",
+                     pending: "Pending: keep scanning" };
+
   function slideTone(v) {
-    if (!v) return "none";
-    var s = String(v).toLowerCase();
-    if (s.indexOf("all") >= 0 && s.indexOf("no all") < 0) return "all";
-    if (s.indexOf("refer") >= 0 || s.indexOf("retake") >= 0 || s.indexOf("insufficient") >= 0) return "refer";
-    if (s.indexOf("benign") >= 0 || s.indexOf("negative") >= 0 || s.indexOf("no all") >= 0) return "benign";
-    return "none";
+    return v === "ALL" ? "all" : v === "benign" ? "benign" : v === "refer" ? "refer" : "none";
   }
 
   function renderSlide(slide) {
@@ -240,20 +251,29 @@
     state.slideId = sid;
     $("slide-id").textContent = sid || "no slide open";
     var v = $("slide-verdict");
-    var verdict = slide ? (slide.verdict_text || slide.verdict) : null;
-    v.textContent = verdict ? String(verdict) : (sid ? "No fields yet" : "—");
+    var verdict = slide ? slide.verdict : null;
+    var text = verdict ? (SLIDE_TEXT[verdict] || String(verdict)) : (sid ? "No fields yet" : "No slide open");
+    if (slide && slide.subtype) text += ": " + slide.subtype;
+    v.textContent = text;
     v.className = "slide-verdict " + slideTone(verdict);
+    v.setAttribute("data-verdict", verdict || "");
 
     var summary = [];
     if (slide && num(slide.fields)) summary.push(slide.fields + (slide.fields === 1 ? " field" : " fields"));
     if (slide && slide.started) summary.push("started " + dateTimeText(slide.started));
-    if (slide && slide.ended) summary.push("ended " + dateTimeText(slide.ended));
-    $("slide-summary").textContent = summary.join(" · ") || (sid ? "" : "Press the button or Start new slide.");
+    $("slide-summary").textContent = summary.join(" · ") ||
+      (sid ? "" : "The next camera field opens a slide; long-press the button or use Start new slide.");
+    $("slide-reason").textContent = slide && slide.reason ? slide.reason : "";
 
-    var counts = (slide && slide.counts) || {};
+    var counts = {};
+    var byClass = (slide && slide.counts) || {};
+    var byStatus = (slide && slide.statuses) || {};
+    Object.keys(byClass).forEach(function (k) { counts[k] = byClass[k]; });
+    counts.refer = byStatus.refer || 0;
+    counts.retake = byStatus.retake || 0;
     var rows = CLASSES.slice();
-    Object.keys(counts).forEach(function (k) { if (rows.indexOf(k) < 0) rows.push(k); });
-    ["refer", "retake"].forEach(function (k) { if (rows.indexOf(k) < 0) rows.push(k); });
+    Object.keys(byClass).forEach(function (k) { if (rows.indexOf(k) < 0) rows.push(k); });
+    rows.push("refer", "retake");
     var total = 0;
     rows.forEach(function (k) { total += num(counts[k]) ? counts[k] : 0; });
     var tb = $("tally-body");
@@ -266,12 +286,12 @@
       var rowTone = k === BENIGN ? " is-benign" : isAll ? " is-all" : "";
       tb.appendChild(el("tr", { "data-key": k }, [
         el("td", { text: k === "refer" ? "Referred" : k === "retake" ? "Retake" : k }),
-        el("td", null, [el("div", { className: "bar mini" + rowTone }, [fill])]),
+        el("td", { className: "barcell" }, [el("div", { className: "bar mini" + rowTone }, [fill])]),
         el("td", { className: "n", text: String(n) })
       ]));
     });
     tb.appendChild(el("tr", { className: "total" }, [
-      el("td", { text: "Total" }), el("td"), el("td", { className: "n", id: "tally-total", text: String(total) })
+      el("td", { text: "Total" }), el("td", { className: "barcell" }), el("td", { className: "n", id: "tally-total", text: String(total) })
     ]));
 
     var link = $("report-link");
@@ -329,23 +349,26 @@
     var box = $("health");
     clear(box);
     var model = s.model || {};
-    var inf = s.inference || {};
+    var inf = s.inference_ms || {};
+    var images = s.images || {};
     var rows = [
-      ["Model", model.name || s.model_name],
-      ["Model sha256", (model.sha256 || s.model_sha256 || "").slice(0, 16), "mono", model.sha256 || s.model_sha256],
-      ["Runtime", s.runtime || model.runtime],
-      ["Delegate", s.delegate || model.delegate || "none (CPU)"],
-      ["Inference median", fixed(num(inf.p50_ms) ? inf.p50_ms : s.inference_ms_p50, 1, " ms")],
-      ["Inference p95", fixed(num(inf.p95_ms) ? inf.p95_ms : s.inference_ms_p95, 1, " ms")],
-      ["Frames / s", fixed(s.fps, 2)],
-      ["Uptime", duration(s.uptime_s)],
-      ["CPU temperature", num(s.cpu_temp_c) ? s.cpu_temp_c.toFixed(1) + " °C" : "n/a"],
-      ["Free disk", bytes(s.disk_free_bytes)],
-      ["Database", bytes(s.db_bytes)],
-      ["Fields classified", num(s.fields) ? String(s.fields) : "—"]
+      ["Model", model.name, null, null, "model"],
+      ["Model sha256", (model.sha256 || "").slice(0, 16) + "…", "mono", model.sha256, "sha256"],
+      ["Runtime", s.runtime, null, null, "runtime"],
+      ["Delegate", s.delegate || "none (CPU)", null, null, "delegate"],
+      ["Inference median", fixed(inf.p50, 1, " ms"), null, null, "p50"],
+      ["Inference p95", fixed(inf.p95, 1, " ms"), null, null, "p95"],
+      ["Fields / s", fixed(s.fps, 2), null, null, "fps"],
+      ["Uptime", duration(s.uptime_s), null, null, "uptime"],
+      ["CPU temperature", num(s.cpu_temp_c) ? s.cpu_temp_c.toFixed(1) + " °C" : "n/a (not a Pi)", null, null, "temp"],
+      ["Free disk", bytes(s.disk_free_bytes), null, null, "disk"],
+      ["Database", bytes(s.db_bytes), null, null, "db"],
+      ["Records", num(s.fields) ? String(s.fields) : "—", null, null, "records"],
+      ["Images kept", num(images.count) ? images.count + " (" + bytes(images.bytes) + ")" : "—", null, null, "images"],
+      ["Source", [s.source, s.trigger].filter(Boolean).join(", "), null, null, "source"]
     ];
     rows.forEach(function (row) {
-      box.appendChild(el("div", null, [
+      box.appendChild(el("div", { "data-key": row[4] }, [
         el("dt", { text: row[0] }),
         el("dd", { className: row[2] || null, title: row[3] || null, text: row[1] === undefined || row[1] === null || row[1] === "" ? "—" : String(row[1]) })
       ]));
@@ -359,7 +382,8 @@
     if (faults.length) {
       var ul = el("ul", { className: "fault-list" });
       faults.forEach(function (f) {
-        var text = typeof f === "string" ? f : (f.message || f.text || JSON.stringify(f));
+        var text = typeof f === "string" ? f : ((f.kind ? f.kind + ": " : "") + (f.message || JSON.stringify(f)) +
+          (f.count > 1 ? " (" + f.count + "×)" : ""));
         ul.appendChild(el("li", { text: text }));
         bannerList.appendChild(el("li", { text: text }));
       });
@@ -377,13 +401,12 @@
   }
 
   function renderAlert(s) {
-    var a = s.alert;
-    var active = a && (a === true || a.active);
+    var active = !!s.alarm;
     $("alert").classList.toggle("hidden", !active);
     if (active) {
+      var last = s.last;
       var txt = "ALL detected";
-      if (a && a.label) txt += ": " + a.label;
-      if (a && a.result_id) txt += " (field " + a.result_id + ")";
+      if (last && last.all) txt += (last.label ? ": " + last.label : "") + (last.id ? " (field " + last.id + ")" : "");
       $("alert-text").textContent = txt + ". Check the field and confirm with a haematologist.";
     }
   }
@@ -398,13 +421,14 @@
     renderAlert(s);
     renderSlide(s.slide || null);
     if (snap.recent) renderRecent(snap.recent);
-    var last = s.last_result || (snap.recent && snap.recent[0]) || null;
+    var last = s.last || (snap.recent && snap.recent[0]) || null;
     if (last) {
       state.live = last;
       if (!state.pinned) renderField(last);
     }
-    if (state.slidesLoadedFor !== state.slideId + "/" + (s.slide && s.slide.fields)) {
-      state.slidesLoadedFor = state.slideId + "/" + (s.slide && s.slide.fields);
+    var slidesKey = String(state.slideId) + "/" + (s.slide ? s.slide.fields : "") + "/" + Math.floor(Date.now() / 30000);
+    if (state.slidesLoadedFor !== slidesKey) {
+      state.slidesLoadedFor = slidesKey;
       loadSlides();
     }
     if (num(s.seq)) state.seq = s.seq;
@@ -488,7 +512,8 @@
         list.appendChild(el("li", null, [
           el("span", null, [
             el("span", { className: "mono", text: sl.id }),
-            el("span", { className: "muted", text: " · " + (num(sl.fields) ? sl.fields + " fields" : "") })
+            el("span", { className: "muted", text: " · " + (num(sl.fields) ? sl.fields + " fields" : "") +
+                                                     (sl.open ? " · open" : "") })
           ]),
           el("a", { href: "/api/slides/" + encodeURIComponent(sl.id) + "/report", target: "_blank", rel: "noopener", text: "Report" })
         ]));
@@ -525,6 +550,7 @@
     $("token").addEventListener("change", function () {
       try { window.localStorage.setItem(TOKEN_KEY, token()); } catch (e) { /* private mode */ }
     });
+    $("token-form").addEventListener("submit", function (ev) { ev.preventDefault(); });
     $("unpin-btn").addEventListener("click", unpin);
     $("start-btn").addEventListener("click", function () {
       post("/api/slides/start", null, "slide-msg").then(function (d) {

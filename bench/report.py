@@ -1,0 +1,252 @@
+"""Targets, ``results.json`` and the Markdown table (pure: a results dict in, text out).
+
+The targets are the issue's, fixed here and never adjusted to the figures:
+a row says "met" or "MISSED", or "not measured" with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MET, MISSED, NOT_MEASURED = "met", "MISSED", "not measured"
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    what: str
+    limit: float
+    unit: str
+    get: Callable[[dict], float | None]  # the measured value from the results (None: not measured)
+
+
+def _dig(d: dict, *path: str) -> Any:
+    cur: Any = d
+    for p in path:
+        if not isinstance(cur, dict) or p not in cur:
+            return None
+        cur = cur[p]
+    return cur
+
+
+def _sum(*values: Any) -> float | None:
+    return None if any(v is None for v in values) else float(sum(values))
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("loop_ratio", "Loop time per field / bare int8 invoke (replay source, as `make run`)", 1.05, "x",
+           lambda r: _dig(r, "loop", "replay", "ratio")),
+    Target("loop_ratio_camera", "Loop time per field / bare int8 invoke (camera-size 1014x760 frames)", 1.05, "x",
+           lambda r: _dig(r, "loop", "camera", "ratio")),
+    Target("preprocess_head_ms", "Preprocessing + head per field (camera-size frames, median)", 2.0, "ms",
+           lambda r: _sum(_dig(r, "micro", "camera", "preprocess_ms"), _dig(r, "micro", "camera", "head_ms"))),
+    Target("peak_rss_mb", "Peak RSS of `python -m device run` (replay)", 150.0, "MB",
+           lambda r: _dig(r, "memory", "peak_rss_mb")),
+    Target("rss_growth_mb", "RSS growth over 1,000 fields (no growth: <= 1 MB, ~1 KB/field)", 1.0, "MB",
+           lambda r: _dig(r, "memory", "growth_mb")),
+    Target("first_result_s", "Process start to first recorded result (median of runs)", 5.0, "s",
+           lambda r: _dig(r, "startup", "median_s")),
+    Target("page_load_ratio", "Loop time per field under page load / idle", 1.10, "x",
+           lambda r: _dig(r, "page_load", "ratio")),
+)
+
+
+def _why_missing(results: dict, key: str) -> str:
+    section = {"loop_ratio": "loop", "loop_ratio_camera": "loop", "preprocess_head_ms": "micro",
+               "peak_rss_mb": "memory", "rss_growth_mb": "memory", "first_result_s": "startup",
+               "page_load_ratio": "page_load"}[key]
+    s = results.get(section)
+    if isinstance(s, dict) and s.get("error"):
+        return str(s["error"])
+    if isinstance(s, dict) and key.startswith("loop") and isinstance(s.get("replay" if key == "loop_ratio"
+                                                                          else "camera"), dict):
+        return str(s["replay" if key == "loop_ratio" else "camera"].get("error", "no figure"))
+    return "section skipped" if s is None else "no figure"
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    rows = []
+    for t in TARGETS:
+        value = t.get(results)
+        if value is None:
+            rows.append({"key": t.key, "what": t.what, "limit": t.limit, "unit": t.unit, "measured": None,
+                         "result": NOT_MEASURED, "note": _why_missing(results, t.key)})
+        else:
+            rows.append({"key": t.key, "what": t.what, "limit": t.limit, "unit": t.unit,
+                         "measured": round(float(value), 4), "result": MET if value <= t.limit else MISSED})
+    return rows
+
+
+def _f(v: Any, nd: int = 2, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float | int):
+        return f"{v:.{nd}f}{unit}"
+    return str(v)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(results: dict) -> str:
+    """The whole RESULTS.md; the first table is the targets."""
+    meta = results.get("meta", {})
+    m = meta.get("machine", {})
+    b = meta.get("bundle", {})
+    out = [
+        "# LeukoScreen benchmark (`make bench`)",
+        "",
+        f"- Date: {meta.get('date', '-')} (took {_f(meta.get('duration_s'), 0, ' s')})",
+        f"- Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores ({m.get('platform', '')}); "
+        f"load average at start {_f(m.get('load_start'), 2)}, at end {_f(m.get('load_end'), 2)}",
+        f"- Bundle: `{b.get('dir', '?')}` ({b.get('name', '?')}, {b.get('input_size', '?')} px input, "
+        f"model sha256 {str(b.get('model_sha256', '?'))[:12]}); TFLite threads: {meta.get('threads', '?')}; "
+        f"runtime {meta.get('runtime', '?')}",
+    ]
+    if meta.get("quick"):
+        out.append("- **QUICK RUN** (`--quick`): fewer repetitions and fields; figures are indicative only")
+    out += ["", "## Targets", "", "| Target | Measured | Limit | Result |", "|---|---:|---:|---|"]
+    for row in results.get("targets") or evaluate_targets(results):
+        measured = "-" if row["measured"] is None else f"{row['measured']:.3g} {row['unit']}"
+        result = row["result"] if row["result"] != NOT_MEASURED else f"{NOT_MEASURED}: {row.get('note', '')}"
+        out.append(f"| {_cell(row['what'])} | {measured} | <= {row['limit']:g} {row['unit']} | "
+                   f"{'**MISSED**' if row['result'] == MISSED else _cell(result)} |")
+
+    bare = results.get("bare") or {}
+    out += ["", "## Bare interpreter (same weights, same threads, one input, same run)", ""]
+    if bare.get("error"):
+        out.append(f"Not measured: {bare['error']}")
+    if bare.get("models"):
+        out += ["| Model | Runtime | File size | Median | p95 | Runs | Median vs int8 |", "|---|---|---:|---:|---:|---:|---:|"]
+        for r in bare["models"]:
+            out.append(f"| {_cell(r['name'])} | {_cell(r['runtime'])} | {_f(r['bytes'] / 1e6, 2, ' MB')} | "
+                       f"{_f(r['median_ms'], 2, ' ms')} | {_f(r['p95_ms'], 2, ' ms')} | {r['n']} | "
+                       f"{_f(r.get('vs_int8'), 2, 'x')} |")
+        agree = bare.get("agreement")
+        if agree:
+            out.append("")
+            out.append("Same weights check (cosine similarity of the 1000-d features on the sample images, worst "
+                       f"image): int8 TFLite vs onnxruntime float32 {_f(agree.get('int8_vs_onnx'), 4)}, float32 "
+                       f"TFLite vs onnxruntime {_f(agree.get('f32_tflite_vs_onnx'), 6)}.")
+        if bare.get("errors"):
+            out += ["", "Peers not measured: " + "; ".join(bare["errors"])]
+
+    loop = results.get("loop") or {}
+    out += ["", "## The loop (real `device.service.Service`: source -> quality -> inference -> head -> record -> "
+            "LEDs)", ""]
+    if loop.get("error"):
+        out.append(f"Not measured: {loop['error']}")
+    variants = [(k, loop[k]) for k in ("replay", "camera") if isinstance(loop.get(k), dict)]
+    if variants:
+        out += ["| | " + " | ".join(v.get("label", k) for k, v in variants) + " |",
+                "|---|" + "---:|" * len(variants)]
+
+        def row(label: str, fn: Callable[[dict], str]) -> None:
+            out.append(f"| {label} | " + " | ".join(fn(v) if not v.get("error") else "-" for _, v in variants)
+                       + " |")
+
+        row("Fields timed", lambda v: str(v.get("fields", "-")))
+        row("Time per field, median (mean)", lambda v: f"{_f(v.get('period_median_ms'), 2)} "
+            f"({_f(v.get('period_mean_ms'), 2)}) ms")
+        row("Bare int8 invoke, median (same model object, around the loop)",
+            lambda v: _f(v.get("bare_invoke_median_ms"), 2, " ms"))
+        row("**Loop / bare invoke**", lambda v: f"**{_f(v.get('ratio'), 3, 'x')}**")
+        stages = []
+        for _, v in variants:
+            for s in (v.get("stages") or {}):
+                if s not in stages:
+                    stages.append(s)
+        for s in stages:
+            row(f"share: {s}", lambda v, s=s: (f"{(v.get('stages') or {}).get(s, {}).get('share', 0) * 100:.1f}% "
+                                               f"({_f((v.get('stages') or {}).get(s, {}).get('median_ms'), 2)} ms)"))
+        row("Verdicts", lambda v: ", ".join(f"{k} {n}" for k, n in sorted((v.get("statuses") or {}).items())))
+        for k, v in variants:
+            if v.get("error"):
+                out.append(f"\n{v.get('label', k)}: not measured: {v['error']}")
+        if loop.get("notes"):
+            out += [""] + [f"- {n}" for n in loop["notes"]]
+
+    micro = results.get("micro") or {}
+    out += ["", "## Preprocessing, quality gate and head per frame (median, this process)", ""]
+    if micro.get("error"):
+        out.append(f"Not measured: {micro['error']}")
+    else:
+        cols = [(k, micro[k]) for k in ("samples", "camera") if isinstance(micro.get(k), dict)]
+        if cols:
+            out += ["| | " + " | ".join(v["label"] for _, v in cols) + " |", "|---|" + "---:|" * len(cols)]
+            for key, label in (("preprocess_ms", "preprocess (crop/resize + quantize)"),
+                               ("head_ms", "head (dequantize + mRMR/SVM/Platt + decision)"),
+                               ("quality_ms", "quality gate")):
+                out.append(f"| {label} | " + " | ".join(_f(v.get(key), 3, " ms") for _, v in cols) + " |")
+
+    page = results.get("page_load") or {}
+    out += ["", "## Under page load (loopback clients only)", ""]
+    if page.get("error"):
+        out.append(f"Not measured: {page['error']}")
+    elif page:
+        out += [
+            f"{page.get('clients')} clients polling {', '.join(page.get('paths', []))} every "
+            f"{_f(page.get('interval_s'), 2)} s for {_f(page.get('seconds_per_phase'), 0)} s per phase, phases "
+            f"{' / '.join(page.get('phases', []))}: {page.get('requests')} requests "
+            f"({_f(page.get('req_per_s'), 1)}/s), {page.get('errors')} errors, latency median "
+            f"{_f(page.get('latency_ms', {}).get('median'), 1)} ms, p95 {_f(page.get('latency_ms', {}).get('p95'), 1)}"
+            f" ms; the client process used {_f(page.get('client_cpu_s'), 1)} CPU s on this machine.",
+            "",
+            f"Time per field idle {_f(page.get('idle_period_ms'), 2)} ms, under load "
+            f"{_f(page.get('load_period_ms'), 2)} ms: **{_f(page.get('ratio'), 3, 'x')}**.",
+        ]
+
+    mem = results.get("memory") or {}
+    st = results.get("startup") or {}
+    out += ["", "## Memory and start-up (`python -m device run` as a subprocess, replay source)", ""]
+    if mem.get("error"):
+        out.append(f"Memory not measured: {mem['error']}")
+    elif mem:
+        out.append(f"Peak RSS {_f(mem.get('peak_rss_mb'), 1)} MB (VmHWM); RSS after {mem.get('warm_fields')} "
+                   f"warm-up fields {_f(mem.get('rss_warm_mb'), 1)} MB, {mem.get('measured_fields')} fields later "
+                   f"{_f(mem.get('rss_end_mb'), 1)} MB: growth {_f(mem.get('growth_mb'), 2)} MB (fitted slope "
+                   f"{_f(mem.get('slope_kb_per_field'), 3)} KB/field); USS at end {_f(mem.get('uss_end_mb'), 1)} MB; "
+                   f"{_f(mem.get('fields_per_s'), 1)} fields/s; exit code {mem.get('exit_code')}.")
+    if st.get("error"):
+        out.append(f"Start-up not measured: {st['error']}")
+    elif st:
+        out.append(f"First recorded result after process start: {', '.join(_f(x, 2, ' s') for x in st.get('runs_s', []))}"
+                   f" (median {_f(st.get('median_s'), 2)} s).")
+
+    comp = results.get("compute") or {}
+    out += ["", "## Compute", ""]
+    if comp.get("error"):
+        out.append(f"Not measured: {comp['error']}")
+    elif comp:
+        out.append(f"{comp.get('gmacs', 0):.3f} GMAC per field ({comp.get('counted_ops')} conv/FC ops walked from "
+                   f"`{comp.get('model')}`); achieved here {_f(comp.get('achieved_gmac_s'), 1)} GMAC/s "
+                   f"(int8, {meta.get('threads', '?')} threads, bare median invoke).")
+        e = comp.get("estimates") or {}
+        if e:
+            out += ["", f"**{e.get('label', 'ESTIMATE')}**", "", "| Device | Estimated invoke | Basis |",
+                    "|---|---:|---|",
+                    f"| Raspberry Pi 4 (4 threads) | {e['pi4_ms'][0]:.0f}-{e['pi4_ms'][1]:.0f} ms | "
+                    f"{', '.join(f'{k} {v} GMAC/s' for k, v in e['pi4_rates_gmac_s'].items())} (ncnn int8) |",
+                    f"| Raspberry Pi 5 | {e['pi5_ms'][0]:.0f}-{e['pi5_ms'][1]:.0f} ms | {e['pi5_assumption']} |",
+                    f"| Coral USB Edge TPU | ~{e['coral_usb_ms']:.0f} ms | ResNet-50 ~49 ms = "
+                    f"{e['coral_rate_gmac_s']} GMAC/s; needs an Edge-TPU-compiled model "
+                    f"({'in the bundle' if comp.get('edgetpu_model') else 'NOT in this bundle'}) |",
+                    "", f"_{e.get('sources', '')}_"]
+    notes = results.get("notes") or []
+    if notes:
+        out += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+def write(results: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {**results, "targets": evaluate_targets(results)}
+    js, md = out_dir / "results.json", out_dir / "RESULTS.md"
+    js.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+    md.write_text(render_markdown(results))
+    return js, md

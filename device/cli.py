@@ -1,0 +1,303 @@
+"""``python -m device <command>``: run, classify, check-config, selftest.
+
+``main()`` returns the exit code: 0 success, 1 a failure (an image that
+could not be decoded, a failed self-test, a model or storage error), 2 a
+usage or configuration error. Errors are one line; ``--verbose`` adds the
+traceback. Logs go to stderr in a journald-friendly form (syslog priority
+prefixes, no timestamps, when run under systemd).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device import config as config_mod
+from device.errors import ConfigError, ImageError, ScreenError
+
+log = logging.getLogger("device")
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """``<6>device.service: message``: journald reads the priority, and adds the time itself."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _PRIORITY.get(record.levelno, 6)
+        text = super().format(record)
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+
+
+def setup_logging(verbose: bool) -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler._leukoscreen = True  # type: ignore[attr-defined]
+    root = logging.getLogger()
+    for h in list(root.handlers):  # ours from an earlier main() call; leave other handlers (pytest's) alone
+        if getattr(h, "_leukoscreen", False):
+            root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("PIL", "waitress", "werkzeug", "gpiozero"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return handler
+
+
+def _load_config(path: str | None) -> config_mod.Config:
+    path = path or os.environ.get("LEUKOSCREEN_CONFIG") or None
+    return config_mod.load(path)
+
+
+# -- commands -------------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from device import app
+
+    return app.run(_load_config(args.config))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config)
+    res = config_mod.resolve(cfg)
+    print(f"# {cfg.path or 'built-in defaults'}: OK")
+    print(f"# on this machine: source {res.source}, GPIO {'mock' if res.mock_gpio else 'real'}, "
+          f"model {res.model_dir}, state {res.state_dir}")
+    print(config_mod.to_toml(cfg))
+    return EXIT_OK
+
+
+def _open_classifier(cfg: config_mod.Config) -> Any:
+    from device.bundle import load_bundle
+    from device.classifier import Classifier
+
+    res = config_mod.resolve(cfg)
+    bundle = load_bundle(res.model_dir)
+    return Classifier.open(bundle, num_threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu)
+
+
+def classify_one(clf: Any, path: Path, cfg: config_mod.Config) -> dict[str, Any]:
+    """One image to the ``classify`` output record (status "error" when it cannot be decoded)."""
+    from device.preprocess import load_image
+    from device.quality import assess
+
+    out: dict[str, Any] = {"file": str(path)}
+    try:
+        frame = np.asarray(load_image(path), dtype=np.uint8)
+    except ImageError as exc:
+        return {**out, "status": "error", "label": None, "all": False, "confidence": 0.0, "scores": {},
+                "reason": str(exc)}
+    q = assess(frame, cfg.quality)
+    if not q.ok:
+        return {**out, "status": "retake", "label": None, "all": False, "confidence": 0.0, "scores": {},
+                "reason": q.reason, "quality": q.figures()}
+    t = clf.classify(frame)
+    v = t.verdict
+    return {**out, "status": v.status, "label": v.label, "all": v.all, "confidence": round(v.confidence, 4),
+            "scores": {k: round(p, 4) for k, p in v.scores.items()}, "reason": v.reason,
+            "distance": round(v.distance, 3), "p_all": round(v.p_all, 4), "quality": q.figures(),
+            "ms": round(t.preprocess_ms + t.invoke_ms + t.head_ms, 2)}
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config)
+    clf = _open_classifier(cfg)
+    failed = 0
+    for name in args.images:
+        rec = classify_one(clf, Path(name), cfg)
+        if rec["status"] == "error":
+            failed += 1
+        if args.json:
+            print(json.dumps(rec), flush=True)
+        else:
+            what = rec["label"] or "-"
+            conf = f" {rec['confidence']:.2f}" if rec["status"] in ("ok", "refer") else ""
+            alert = "  ALL" if rec["all"] else ""
+            why = f"  ({rec['reason']})" if rec["reason"] else ""
+            print(f"{rec['file']}: {rec['status']} {what}{conf}{alert}{why}", flush=True)
+    if failed:
+        log.error("%d of %d image(s) could not be read", failed, len(args.images))
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def sample_label(path: Path, classes: Sequence[str]) -> str | None:
+    """The class a sample's name gives (``<class, spaces as ->__<original name>``), or None."""
+    if "__" not in path.name:
+        return None
+    prefix = path.name.split("__", 1)[0].lower()
+    return next((c for c in classes if c.replace(" ", "-").lower() == prefix), None)
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from device.bundle import load_bundle
+    from device.classifier import Classifier
+    from device.leds import make_pin_factory
+    from device.sources import list_images
+    from device.store import ResultStore
+
+    cfg = _load_config(args.config)
+    res = config_mod.resolve(cfg)
+    problems: list[str] = []
+
+    def check(name: str, fn: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            detail = fn()
+        except (ScreenError, OSError, RuntimeError, ValueError, ImportError) as exc:
+            print(f"FAIL {name}: {exc}", flush=True)
+            problems.append(name)
+            if args.verbose:
+                log.exception(name)
+            return None
+        print(f"ok   {name}: {detail} ({(time.perf_counter() - t0) * 1000:.0f} ms)", flush=True)
+        return detail
+
+    print(f"# config {cfg.path or 'built-in defaults'}; model {res.model_dir}", flush=True)
+    bundle = check("bundle", lambda: load_bundle(res.model_dir))
+    holder: dict[str, Any] = {}
+    if bundle is not None:
+        def open_clf() -> str:
+            holder["clf"] = Classifier.open(bundle, num_threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu)
+            m = holder["clf"].model
+            return f"{bundle.name} sha256 {bundle.model_sha256[:12]}…, {m.runtime}, {m.delegate}"
+        check("model", open_clf)
+    clf = holder.get("clf")
+    if clf is not None:
+        samples_dir = Path(args.samples) if args.samples else config_mod.PACKAGE_DIR / "samples"
+
+        def samples() -> str:
+            paths = list_images(samples_dir)
+            if not paths:
+                raise ValueError(f"no sample images in {samples_dir}")
+            right = labelled = 0
+            for p in paths:
+                rec = classify_one(clf, p, cfg)
+                want = sample_label(p, clf.bundle.classes)
+                if rec["status"] in ("error", "retake"):
+                    raise ValueError(f"{p.name}: {rec['status']}: {rec['reason']}")
+                if want is not None:
+                    labelled += 1
+                    right += int(rec["label"] == want)
+                print(f"       {p.name}: {rec['status']} {rec['label'] or '-'} {rec['confidence']:.2f}"
+                      f"{'' if want is None or rec['label'] == want else '  (expected ' + want + ')'}", flush=True)
+            acc = right / labelled if labelled else 1.0
+            if acc < args.min_accuracy:
+                raise ValueError(f"only {right} of {labelled} samples labelled correctly "
+                                 f"(< {args.min_accuracy:.0%}); the model or camera path is broken")
+            return f"{len(paths)} images, {right} of {labelled} labelled as expected"
+        check("samples", samples)
+
+    def storage() -> str:
+        store = ResultStore(res.state_dir, save_images=False)
+        try:
+            result = store.integrity_check()
+            if result != "ok":
+                raise ValueError(f"{store.path}: integrity_check says {result}")
+            fd, tmp = tempfile.mkstemp(dir=res.state_dir, prefix=".selftest-")
+            os.close(fd)
+            os.unlink(tmp)
+            return f"{store.path} ok, {store.stats().fields} records"
+        finally:
+            store.close()
+    check("storage", storage)
+
+    def leds() -> str:
+        from device.app import make_leds
+
+        drv = make_leds(cfg, res.mock_gpio)
+        try:
+            drv.lamp_test(0.05 if res.mock_gpio else 0.4)
+        finally:
+            drv.close()
+        return "mock GPIO (no lights off the Pi)" if res.mock_gpio else "watch: green, amber, red, buzzer"
+    if make_pin_factory is not None:
+        check("leds", leds)
+
+    def camera() -> str:
+        from device.app import source_factory
+        from device.quality import assess
+
+        factory, kind = source_factory(res)
+        src = factory()
+        try:
+            frame = src.read()
+        finally:
+            src.close()
+        q = assess(frame.array, cfg.quality)
+        h, w = frame.array.shape[:2]
+        return f"{kind} {w}x{h}, quality {'ok' if q.ok else q.reason}"
+    check("camera", camera)
+
+    print("selftest " + ("PASSED" if not problems else f"FAILED: {', '.join(problems)}"), flush=True)
+    return EXIT_OK if not problems else EXIT_FAIL
+
+
+# -- entry ----------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m device", description="LeukoScreen: offline ALL screening appliance")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging and tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", "-c", metavar="FILE",
+                        help="TOML config (default: $LEUKOSCREEN_CONFIG, else built-in defaults)")
+        sp.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return sp
+
+    with_config(sub.add_parser("run", help="run the appliance (camera loop, LEDs, web page)")).set_defaults(
+        fn=cmd_run)
+    c = with_config(sub.add_parser("classify", help="classify image files once"))
+    c.add_argument("images", nargs="+", metavar="IMAGE")
+    c.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
+    c.set_defaults(fn=cmd_classify)
+    with_config(sub.add_parser("check-config", help="validate a config and print the effective values")).set_defaults(
+        fn=cmd_check_config)
+    s = with_config(sub.add_parser("selftest", help="verify bundle, samples, storage, LEDs and camera"))
+    s.add_argument("--samples", metavar="DIR", help="labelled sample images (default: device/samples)")
+    s.add_argument("--min-accuracy", type=float, default=0.5,
+                   help="fail if fewer samples than this share are labelled as their name says (default 0.5)")
+    s.set_defaults(fn=cmd_selftest)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help and on usage errors
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    handler = setup_logging(args.verbose)
+    try:
+        return int(args.fn(args))
+    except ConfigError as exc:
+        log.error("%s", exc, exc_info=args.verbose)
+        return EXIT_USAGE
+    except ScreenError as exc:
+        log.error("%s", exc, exc_info=args.verbose)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        log.error("unexpected %s: %s%s", type(exc).__name__, exc, "" if args.verbose else " (--verbose for details)",
+                  exc_info=args.verbose)
+        return EXIT_FAIL
+    finally:  # main() may be called again in the same process (tests, tools): leave logging as we found it
+        handler.flush()
+        logging.getLogger().removeHandler(handler)

@@ -1,0 +1,191 @@
+"""``python -m device``: classify, check-config, selftest, and run as a real process (SIGTERM, SIGKILL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from device.cli import main, sample_label
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = ROOT / "device" / "samples"
+TINY = ROOT / "tests" / "fixtures" / "bundle"
+REAL = ROOT / "models"
+
+
+def write_config(tmp: Path, model: Path = TINY, **extra: str) -> Path:
+    cfg = tmp / "config.toml"
+    cfg.write_text(f"""
+[model]
+dir = "{model}"
+threads = 1
+use_edgetpu = false
+[camera]
+source = "replay"
+interval_ms = 0
+[trigger]
+interval_ms = 0
+[gpio]
+mock = "yes"
+[store]
+state_dir = "{tmp / 'state'}"
+reserve_mb = 0
+[web]
+port = 0
+""" + "\n".join(extra.values()))
+    return cfg
+
+
+def test_classify_json_prints_one_object_per_image_and_fails_on_unreadable_files(tmp_path, capsys,
+                                                                                 tiny_bundle) -> None:
+    junk = tmp_path / "notes.jpg"
+    junk.write_text("not a photo")
+    images = sorted(SAMPLES.glob("*.jpg"))[:3]
+    code = main(["classify", "--config", str(write_config(tmp_path)), "--json", *map(str, images), str(junk)])
+    assert code == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    recs = [json.loads(line) for line in lines]
+    assert [r["file"] for r in recs] == [*map(str, images), str(junk)]
+    for r in recs[:3]:
+        assert r["status"] in ("ok", "refer") and set(r["scores"]) == set(tiny_bundle.classes)
+        assert (r["label"] in tiny_bundle.classes) if r["status"] == "ok" else r["label"] is None
+        assert isinstance(r["all"], bool) and 0 <= r["confidence"] <= 1 and isinstance(r["reason"], str)
+    assert recs[3]["status"] == "error" and "notes.jpg" in recs[3]["reason"]
+    assert main(["classify", "--config", str(write_config(tmp_path)), *map(str, images)]) == 0
+
+
+@pytest.mark.skipif(not (REAL / "manifest.json").is_file(), reason="the real bundle is not in models/ yet")
+def test_the_shipped_bundle_labels_the_committed_samples_correctly(capsys) -> None:
+    images = sorted(SAMPLES.glob("*.jpg"))
+    assert main(["classify", "--json", *map(str, images)]) == 0
+    from device.bundle import load_bundle
+
+    classes = load_bundle(REAL).classes
+    recs = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    wrong = [(Path(r["file"]).name, r["status"], r["label"]) for r in recs
+             if r["label"] != sample_label(Path(r["file"]), classes)]
+    assert wrong == []
+
+
+def test_sample_names_give_their_class() -> None:
+    classes = ("Benign", "Early Pre-B", "Pre-B", "Pro-B")
+    assert sample_label(Path("Early-Pre-B__WBC-Malignant-Early-187.jpg"), classes) == "Early Pre-B"
+    assert sample_label(Path("Pre-B__x.jpg"), classes) == "Pre-B"
+    assert sample_label(Path("x.jpg"), classes) is None
+    labels = {sample_label(p, classes) for p in SAMPLES.glob("*.jpg")}
+    assert labels == set(classes) and len(list(SAMPLES.glob("*.jpg"))) == 12
+    assert (SAMPLES / "ATTRIBUTION.md").is_file()
+
+
+def test_check_config(tmp_path, capsys) -> None:
+    assert main(["check-config", "--config", str(write_config(tmp_path))]) == 0
+    assert "OK" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[camera]\nsource = \"webcam\"\n")
+    assert main(["check-config", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "camera.source = 'webcam'" in err and "'replay'" in err and "Traceback" not in err
+
+
+def test_selftest_passes_with_a_good_bundle_and_fails_without_one(tmp_path, capsys, tiny_bundle) -> None:
+    cfg = write_config(tmp_path)
+    assert main(["selftest", "--config", str(cfg), "--min-accuracy", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "selftest PASSED" in out and "ok   samples: 12 images" in out and "ok   leds" in out
+    broken = write_config(tmp_path, model=tmp_path / "nowhere")
+    assert main(["selftest", "--config", str(broken)]) == 1
+    assert "FAIL bundle" in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2() -> None:
+    assert main([]) == 2
+    assert main(["frobnicate"]) == 2
+
+
+# -- the real process -----------------------------------------------------------------------------------------
+
+
+class Proc:
+    """``python -m device run`` with its log lines collected as they come."""
+
+    def __init__(self, cfg: Path, notify: Path):
+        env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        env["NOTIFY_SOCKET"] = str(notify)
+        self.p = subprocess.Popen([sys.executable, "-m", "device", "run", "--config", str(cfg)], cwd=ROOT, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self) -> None:
+        assert self.p.stderr is not None
+        for line in self.p.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def shown_ids(self) -> list[int]:
+        pattern = re.compile(r"device\.service: field (\d+) ")
+        return [int(m.group(1)) for line in list(self.lines) if (m := pattern.search(line))]
+
+    def finish(self, timeout: float = 30) -> int:
+        code = self.p.wait(timeout)
+        self._t.join(5)
+        return code
+
+
+def test_sigterm_stops_cleanly_after_ready(tmp_path, short_tmp, notify_socket, wait, tiny_bundle) -> None:
+    proc = Proc(write_config(tmp_path), notify_socket.path)
+    try:
+        assert notify_socket.wait_for("READY=1", 60), "\n".join(proc.lines)
+        assert wait(lambda: len(proc.shown_ids()) >= 2, 60)
+        assert notify_socket.wait_for("WATCHDOG=1", 30)
+        proc.p.send_signal(signal.SIGTERM)
+        assert proc.finish() == 0, "\n".join(proc.lines[-20:])
+    finally:
+        if proc.p.poll() is None:
+            proc.p.kill()
+    assert notify_socket.wait_for("STOPPING=1", 5)
+    with sqlite3.connect(tmp_path / "state" / "results.sqlite3") as db:
+        assert db.execute("SELECT count(*) FROM slides WHERE ended IS NULL").fetchone()[0] == 0
+    assert (tmp_path / "state" / "token").stat().st_mode & 0o077 == 0
+
+
+def test_sigkill_mid_run_loses_no_shown_result(tmp_path, notify_socket, wait, tiny_bundle) -> None:
+    proc = Proc(write_config(tmp_path), notify_socket.path)
+    try:
+        assert notify_socket.wait_for("READY=1", 60), "\n".join(proc.lines)
+        assert wait(lambda: len(proc.shown_ids()) >= 8, 60), "\n".join(proc.lines[-20:])
+    finally:
+        proc.p.send_signal(signal.SIGKILL)  # no chance to flush or close anything
+        proc.finish()
+    shown = proc.shown_ids()
+    assert len(shown) >= 8
+    db = sqlite3.connect(tmp_path / "state" / "results.sqlite3")
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = {r[0] for r in db.execute("SELECT id FROM fields")}
+        assert set(shown) <= stored, f"shown but lost: {sorted(set(shown) - stored)}"
+        marks = ",".join("?" * len(shown))
+        images = [r[0] for r in db.execute(f"SELECT image FROM fields WHERE id IN ({marks}) AND image IS NOT NULL",
+                                           shown)]
+        assert len(images) == len(shown)
+        assert all((tmp_path / "state" / i).is_file() for i in images)
+    finally:
+        db.close()
+    # and the next start tidies up after the crash: the open slide is closed, strays removed, loop runs
+    from device.store import ResultStore
+
+    s = ResultStore(tmp_path / "state")
+    try:
+        assert s.close_open_slides()
+        assert s.count() >= len(shown)
+    finally:
+        s.close()

@@ -1,0 +1,292 @@
+"""The screening loop, end to end with real parts: replay source, the tiny bundle's real TFLite model,
+SQLite store, gpiozero MockFactory LEDs and button, a real AF_UNIX notify socket. Faults are injected at
+the frame-source boundary (raising, hanging, garbage) and at the store (locked/read-only database)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from device.app import make_leds
+from device.errors import CameraError, ImageError
+from device.leds import ALT, BLINK, FAST, ON, Pattern
+from device.notify import Notifier
+from device.service import Service, frame_changed, thumbnail
+from device.sources import Frame, ReplaySource
+from device.store import ResultStore
+
+GREEN, AMBER, RED, BUTTON = 17, 27, 22, 23
+
+
+@pytest.fixture
+def build(make_config, decisive_bundle, decisive_classifier, notify_socket, tmp_path):
+    """build(source_factory, **config sections) -> started Service; everything is stopped afterwards."""
+    made: list = []
+
+    def make(factory, kind: str = "replay", start: bool = True, **sections) -> Service:
+        cfg = make_config(**sections)
+        store = ResultStore(tmp_path / f"state{len(made)}", reserve_bytes=0, busy_timeout_s=0.2)
+        g = cfg.gpio
+        from gpiozero.pins.mock import MockFactory
+
+        from device.leds import LedDriver
+
+        pins = MockFactory()  # each service its own board
+        leds = LedDriver(green=g.green, amber=g.amber, red=g.red, button=g.button, pin_factory=pins,
+                         blink_s=cfg.alerts.blink_s, long_press_s=g.long_press_s, autostart=False)
+        svc = Service(cfg, bundle=decisive_bundle, classifier=decisive_classifier, store=store,
+                      source_factory=factory, source_kind=kind, leds=leds,
+                      notifier=Notifier(address=str(notify_socket.path)), token="t0k3n")
+        leds.on_short, leds.on_long = svc.press, svc.long_press
+        svc.pins = pins
+        made.append((svc, leds, store))
+        if start:
+            svc.start()
+        return svc
+
+    yield make
+    for svc, leds, store in made:
+        svc.stop()
+        leds.close()
+        store.close()
+
+
+def only(*paths: Path, tmp: Path, repeat: int = 1):
+    d = tmp / f"replay-{len(list(tmp.glob('replay-*')))}"
+    d.mkdir()
+    for i, p in enumerate(paths):
+        shutil.copy(p, d / f"{i:02d}-{p.name}")
+    return lambda: ReplaySource(d, repeat=repeat)
+
+
+def lit(factory) -> dict[str, bool]:
+    return {name: bool(factory.pin(pin).state) for name, pin in (("green", GREEN), ("amber", AMBER), ("red", RED))}
+
+
+def test_loop_records_every_field_durably_and_pings_the_watchdog(build, sample_paths, notify_socket, tmp_path,
+                                                                 wait) -> None:
+    svc = build(only(*sample_paths[:4], tmp=tmp_path))
+    assert wait(lambda: svc.store.count() >= 8)
+    svc.stop()
+    rows = svc.store.query(limit=100, newest_first=False)
+    assert [r.name[3:] for r in rows[:4]] == [p.name for p in sample_paths[:4]]
+    for r in rows:
+        assert r.model_sha256 == svc.bundle.model_sha256 and r.source == "replay" and r.slide_id
+        assert r.status in ("ok", "retake", "refer") and r.quality.ok
+        assert svc.store.image_file(r) is not None
+        assert {"capture", "quality", "preprocess", "invoke", "head", "store"} <= set(r.timings)
+    with sqlite3.connect(svc.store.path) as db:  # what a fresh process would read
+        assert db.execute("SELECT count(*) FROM fields").fetchone()[0] == len(rows)
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert notify_socket.wait_for("WATCHDOG=1")
+    st = svc.status()
+    assert st["counts"]["fields"] == len(rows) and st["inference_ms"]["p50"] > 0
+
+
+def test_unchanged_frames_are_skipped(build, sample_paths, tmp_path, wait) -> None:
+    svc = build(only(*sample_paths[:3], tmp=tmp_path, repeat=4))  # each field stays in view for 4 frames
+    assert wait(lambda: svc.status()["counts"]["frames"] >= 12)
+    svc.stop()
+    c = svc.status()["counts"]
+    assert c["fields"] == svc.store.count()
+    # every 4-frame run is one field: at most one field per distinct run started
+    assert c["fields"] <= -(-c["frames"] // 4) and c["skipped"] >= c["frames"] - c["fields"]
+    assert frame_changed(None, thumbnail(np.zeros((8, 8, 3), np.uint8)), 3.0)
+
+
+def test_leds_follow_verdicts_and_the_all_alarm_waits_for_the_button(build, benign_and_all, tmp_path,
+                                                                   wait) -> None:
+    benign, all_ = benign_and_all
+    svc = build(only(benign, tmp=tmp_path), trigger={"mode": "button"})
+    assert lit(svc.pins) == {"green": True, "amber": False, "red": False}  # ready
+    button = svc.pins.pin(BUTTON)
+    button.drive_low()
+    button.drive_high()  # short press: classify now
+    assert wait(lambda: svc.store.count() == 1)
+    assert wait(lambda: svc.pattern() == Pattern(green=ON))
+    assert lit(svc.pins) == {"green": True, "amber": False, "red": False}
+    assert svc.store.query()[0].label == svc.bundle.benign
+
+    svc2 = build(only(all_, benign, tmp=tmp_path), trigger={"mode": "button"})
+    svc2.press()
+    assert wait(lambda: svc2.store.count() == 1)
+    assert wait(lambda: svc2.pattern() == Pattern(red=FAST, buzzer=BLINK))  # alarm, capture finished
+    svc2.leds.render(0.0)
+    assert lit(svc2.pins) == {"green": False, "amber": False, "red": True}
+    svc2.leds.render(svc2.config.alerts.blink_s * 0.75)
+    assert lit(svc2.pins)["red"] is False  # blinking
+    r = svc2.store.query()[0]
+    assert r.all and svc2.status()["alarm"] is True
+    svc2.press()  # the alarm is up: a press acknowledges, it does not classify
+    assert wait(lambda: svc2.pattern() == Pattern(red=ON))
+    assert lit(svc2.pins) == {"green": False, "amber": False, "red": True}
+    assert svc2.store.count() == 1
+    svc2.press()  # now a press classifies the next (benign) field; red goes out
+    assert wait(lambda: svc2.store.count() == 2)
+    assert wait(lambda: svc2.pattern() == Pattern(green=ON))
+
+
+def test_an_unacknowledged_alarm_survives_later_benign_fields(build, benign_and_all, tmp_path, wait) -> None:
+    benign, all_ = benign_and_all
+    svc = build(only(all_, benign, benign, tmp=tmp_path))
+    assert wait(lambda: svc.store.count() >= 3)
+    assert svc.pattern().red == FAST and svc.status()["alarm"]
+    svc.acknowledge()
+    assert svc.pattern().red != FAST and not svc.status()["alarm"]
+
+
+def test_long_press_ends_the_slide_and_the_next_field_starts_another(build, sample_paths, tmp_path, wait) -> None:
+    svc = build(only(*sample_paths[:2], tmp=tmp_path), trigger={"mode": "button"}, gpio={"long_press_s": 0.2})
+    svc.press()
+    assert wait(lambda: svc.store.count() == 1)
+    first = svc.status()["slide"]["id"]
+    assert svc.slide_verdict(first).fields == 1
+    button = svc.pins.pin(BUTTON)
+    t = [0.0]
+    svc.leds.clock = lambda: t[0]
+    button.drive_low()
+    t[0] = 5.0  # held 5 s: a long press
+    button.drive_high()
+    assert wait(lambda: svc.status()["slide"] is None)
+    assert svc.store.slide(first).ended is not None
+    svc.press()
+    assert wait(lambda: svc.store.count() == 2)
+    second = svc.store.query()[0].slide_id
+    assert second != first and svc.status()["slide"]["id"] == second
+    assert svc.end_slide() == second and svc.end_slide() is None
+    new = svc.start_slide()
+    assert svc.status()["slide"]["id"] == new and svc.slide_verdict("nope") is None
+
+
+class FlakySource:
+    """Fails in the ways cameras fail; each instance is one "open" of the camera."""
+
+    opens = 0
+
+    def __init__(self, mode: str, sample: Path, bad_opens: int, release: threading.Event | None = None):
+        FlakySource.opens += 1
+        self.n = FlakySource.opens
+        self.mode, self.bad = mode, self.n <= bad_opens
+        self.release = release
+        self.frame = np.asarray(Image.open(sample).convert("RGB"))
+        if self.bad and mode == "open":
+            raise CameraError("camera 0 not detected")
+
+    def read(self) -> Frame:
+        if self.bad and self.mode == "raise":
+            raise OSError("VIDIOC_DQBUF: No such device")
+        if self.bad and self.mode == "hang":
+            self.release.wait(30)
+        if self.bad and self.mode == "garbage":
+            return Frame(np.full((10, 10), np.nan), "garbage")
+        return Frame(self.frame, f"ok-{self.n}")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("mode", ["open", "raise", "hang", "garbage"])
+def test_camera_faults_show_the_fault_pattern_and_recover_by_themselves(build, sample_paths, mode, wait,
+                                                                        notify_socket) -> None:
+    FlakySource.opens = 0
+    release = threading.Event()
+    seen = []
+    svc = build(lambda: FlakySource(mode, sample_paths[0], bad_opens=2, release=release),
+                camera={"read_timeout_s": 0.3}, start=False)
+    orig = svc.leds.show
+    svc.leds.show = lambda p: (seen.append(p), orig(p))[1]
+    svc.start()
+    try:
+        assert wait(lambda: svc.store.count() >= 1)
+    finally:
+        release.set()
+    st = svc.status()
+    assert st["faults"] == [] and st["counts"]["camera_errors"] == 2
+    assert Pattern(amber=BLINK, red=ALT) in seen  # the fault was shown on the LEDs
+    assert svc.store.query()[0].name == "ok-3"  # the third open worked
+    assert any(line.startswith("STATUS=FAULT camera") for line in notify_socket.lines())
+
+
+def test_no_watchdog_while_the_camera_stays_dead(build, notify_socket, wait) -> None:
+    def dead():
+        raise CameraError("camera 0 not detected")
+
+    svc = build(dead, trigger={"mode": "continuous"})
+    assert wait(lambda: svc.status()["counts"]["camera_errors"] >= 4)
+    st = svc.status()
+    assert st["faults"][0]["kind"] == "camera" and "not detected" in st["faults"][0]["message"]
+    assert st["leds"] == Pattern(amber=BLINK, red=ALT).to_dict()
+    assert "WATCHDOG=1" not in notify_socket.lines()
+
+
+def test_storage_faults_do_not_stop_classification(build, sample_paths, tmp_path, wait) -> None:
+    svc = build(only(*sample_paths[:3], tmp=tmp_path))
+    assert wait(lambda: svc.store.count() >= 1)
+    blocker = sqlite3.connect(svc.store.path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # another process holds the database
+    try:
+        base = svc.status()["counts"]["fields"]
+        assert wait(lambda: svc.status()["counts"]["store_errors"] >= 2)
+        st = svc.status()
+        assert st["faults"][0]["kind"] == "storage" and "another process" in st["faults"][0]["message"]
+        assert st["counts"]["fields"] > base  # still classifying (and showing) fields
+        assert st["last"]["id"] is None  # ... that could not be recorded
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert wait(lambda: svc.status()["faults"] == [])
+    n = svc.store.count()
+    assert wait(lambda: svc.store.count() > n)
+
+
+def test_upload_is_classified_recorded_and_leaves_the_leds_alone(build, sample_paths, tmp_path, wait) -> None:
+    svc = build(only(sample_paths[0], tmp=tmp_path), trigger={"mode": "button"})
+    before = svc.pattern()
+    r = svc.classify_upload(sample_paths[5].read_bytes(), "bench.jpg")
+    assert r.id is not None and r.source == "upload" and r.slide_id is None and r.name == "bench.jpg"
+    assert svc.store.get(r.id) == r and svc.pattern() == before
+    assert svc.status()["counts"]["uploads"] == 1 and svc.status()["counts"]["frames"] == 0  # camera untouched
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 300), "white").save(buf, "PNG")
+    blank = svc.classify_upload(buf.getvalue(), "white.png")
+    assert blank.status == "retake" and "over-exposed" in blank.reason
+    with pytest.raises(ImageError, match="bad.jpg"):
+        svc.classify_upload(b"not an image", "bad.jpg")
+
+
+def test_status_is_json_and_wait_for_change_wakes_on_new_results(build, sample_paths, tmp_path, wait) -> None:
+    svc = build(only(*sample_paths[:2], tmp=tmp_path), trigger={"mode": "button"})
+    st = json.loads(json.dumps(svc.status()))
+    for key in ("ready", "faults", "model", "runtime", "delegate", "inference_ms", "fps", "uptime_s",
+                "cpu_temp_c", "disk_free_bytes", "db_bytes", "fields", "slide", "last", "seq"):
+        assert key in st, key
+    assert st["ready"] is True and st["model"]["sha256"] == svc.bundle.model_sha256
+    seq = st["seq"]
+    assert svc.wait_for_change(seq, 0.05) == seq  # nothing happened
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(svc.wait_for_change(seq, 30)))
+    t.start()
+    svc.press()
+    t.join(30)
+    assert got and got[0] > seq
+    assert wait(lambda: svc.status()["last"] is not None)
+    assert svc.status()["last"]["slide_id"] == svc.status()["slide"]["id"]
+
+
+def test_make_leds_uses_the_configured_pins(make_config, mock_factory) -> None:
+    cfg = make_config(gpio={"green": 5, "amber": 6, "red": 13, "button": 19, "buzzer": 26})
+    leds = make_leds(cfg, mock=True)
+    try:
+        leds.show(Pattern(green=ON, buzzer=ON))
+        pf = leds.green.pin_factory
+        assert bool(pf.pin(5).state) and bool(pf.pin(26).state) and not bool(pf.pin(13).state)
+    finally:
+        leds.close()

@@ -1,0 +1,224 @@
+"""Frame sources: replay order and looping, hold/repeat (a still field), failures as CameraError, and the
+picamera2 adapter's contract (AE/AWB locked, RGB order, buffers released, camera always closed)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device.config import is_raspberry_pi
+from device.errors import CameraError
+from device.quality import assess
+from device.sources import (
+    FileSource,
+    Frame,
+    FrameSource,
+    Picamera2Source,
+    ReplaySource,
+    SourceExhausted,
+    SyntheticSource,
+    synthetic_field,
+)
+
+
+@pytest.fixture
+def replay_dir(tmp_path: Path, sample_paths: list[Path]) -> Path:
+    d = tmp_path / "replay"
+    d.mkdir()
+    for p in sample_paths[:3]:
+        shutil.copy(p, d / p.name)
+    (d / "notes.txt").write_text("not an image")
+    (d / ".hidden.jpg").write_bytes(b"")
+    return d
+
+
+def test_replay_loops_over_the_images_sorted(replay_dir: Path) -> None:
+    src = ReplaySource(replay_dir)
+    assert isinstance(src, FrameSource)
+    names = [src.read().name for _ in range(7)]
+    expected = sorted(p.name for p in replay_dir.glob("*.jpg") if not p.name.startswith("."))
+    assert names == expected * 2 + expected[:1]
+    f = src.read()
+    assert isinstance(f, Frame) and f.array.dtype == np.uint8 and f.array.shape == (224, 224, 3)
+    src.close()
+
+
+def test_repeat_and_hold_make_a_still_field(replay_dir: Path) -> None:
+    src = ReplaySource(replay_dir, repeat=3)
+    names = [src.read().name for _ in range(6)]
+    assert names[:3] == [names[0]] * 3 and names[3:] == [names[3]] * 3 and names[0] != names[3]
+    t = [0.0]
+    held = ReplaySource(replay_dir, hold_s=2.0, clock=lambda: t[0])
+    first = held.read().name
+    t[0] = 1.0
+    assert held.read().name == first
+    t[0] = 2.5
+    assert held.read().name != first
+
+
+def test_files_without_loop_end_with_source_exhausted(sample_paths: list[Path]) -> None:
+    src = FileSource(sample_paths[:2], loop=False)
+    assert [src.read().name, src.read().name] == [p.name for p in sample_paths[:2]]
+    with pytest.raises(SourceExhausted):
+        src.read()
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: ReplaySource(tmp / "missing"),
+    lambda tmp: ReplaySource(tmp),  # empty folder
+    lambda tmp: FileSource([tmp / "nope.jpg"]),
+    lambda tmp: FileSource([]),
+])
+def test_unusable_sources_are_camera_errors_with_a_fix(tmp_path: Path, make) -> None:
+    with pytest.raises(CameraError) as err:
+        make(tmp_path)
+    assert "source" in str(err.value)
+
+
+def test_a_corrupt_image_is_a_camera_error_and_replay_moves_on(replay_dir: Path) -> None:
+    (replay_dir / "0000-corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    src = ReplaySource(replay_dir)
+    with pytest.raises(CameraError, match="0000-corrupt.jpg"):
+        src.read()
+    assert src.read().name != "0000-corrupt.jpg"
+
+
+def test_synthetic_frames_are_deterministic_and_pass_or_fail_the_gate_as_built() -> None:
+    a, b = SyntheticSource(seed=5), SyntheticSource(seed=5)
+    fa, fb = a.read(), b.read()
+    assert np.array_equal(fa.array, fb.array) and fa.name == "synthetic-5"
+    assert not np.array_equal(a.read().array, fa.array)
+    assert assess(synthetic_field(1)).ok
+    assert assess(synthetic_field(1, (1014, 760))).ok
+    assert assess(synthetic_field(1, cells=False)).code == "no_cells"
+    with pytest.raises(SourceExhausted):
+        src = SyntheticSource(count=1)
+        src.read()
+        src.read()
+
+
+# -- picamera2 adapter, against a stand-in for the picamera2 module (no camera off the Pi) --------------------
+
+
+class _Request:
+    def __init__(self, cam: _FakePicamera2):
+        self.cam = cam
+        self.released = False
+        cam.requests.append(self)
+
+    def make_array(self, name: str) -> np.ndarray:
+        assert name == "main"
+        if self.cam.fail_array:
+            raise RuntimeError("dma buffer gone")
+        w, h = self.cam.config["main"]["size"]
+        arr = np.zeros((h, w, 3), np.uint8)
+        arr[..., 0] = 10  # B,G,R in memory for libcamera's RGB888
+        arr[..., 2] = 200
+        return arr
+
+    def get_metadata(self) -> dict:
+        return {"ExposureTime": 12345, "AnalogueGain": 2.5, "ColourGains": (1.8, 1.4), "Lux": 300.0}
+
+    def release(self) -> None:
+        self.released = True
+
+
+class _FakePicamera2:
+    instances: list[_FakePicamera2] = []
+
+    def __init__(self, camera_num: int = 0):
+        self.calls: list[str] = []
+        self.requests: list[_Request] = []
+        self.controls: list[dict] = []
+        self.fail_array = False
+        self.fail_start = False
+        _FakePicamera2.instances.append(self)
+
+    def create_video_configuration(self, main: dict, buffer_count: int = 4) -> dict:
+        return {"main": dict(main), "buffer_count": buffer_count}
+
+    def configure(self, config: dict) -> None:
+        self.config = config
+
+    def start(self) -> None:
+        self.calls.append("start")
+        if self.fail_start or _FakePicamera2.fail_next_start:
+            raise RuntimeError("Camera __init__ sequence did not complete")
+
+    def capture_request(self, wait=None) -> _Request:
+        return _Request(self)
+
+    def set_controls(self, controls: dict) -> None:
+        self.controls.append(dict(controls))
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+        raise RuntimeError("camera not running")  # stop failing must not prevent close
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+    fail_next_start = False
+
+
+@pytest.fixture
+def fake_picamera2(monkeypatch: pytest.MonkeyPatch) -> type[_FakePicamera2]:
+    _FakePicamera2.instances = []
+    _FakePicamera2.fail_next_start = False
+    monkeypatch.setitem(sys.modules, "picamera2", types.SimpleNamespace(Picamera2=_FakePicamera2))
+    return _FakePicamera2
+
+
+def test_picamera2_locks_exposure_and_white_balance_and_delivers_rgb(fake_picamera2) -> None:
+    src = Picamera2Source((640, 480), lock_after_s=0.0, timeout_s=1.0)
+    cam = fake_picamera2.instances[0]
+    assert cam.config["main"] == {"size": (640, 480), "format": "RGB888"}
+    assert cam.controls == [{"AeEnable": False, "AwbEnable": False, "ExposureTime": 12345, "AnalogueGain": 2.5,
+                             "ColourGains": (1.8, 1.4)}]
+    frame = src.read()
+    assert frame.array.shape == (480, 640, 3) and frame.array.flags.c_contiguous
+    assert frame.array[0, 0].tolist() == [200, 0, 10]  # R, G, B
+    assert all(r.released for r in cam.requests)
+    src.close()
+    src.close()
+    assert cam.calls.count("close") == 1 and "stop" in cam.calls
+
+
+def test_picamera2_capture_failure_releases_the_buffer_and_is_a_camera_error(fake_picamera2) -> None:
+    src = Picamera2Source((320, 240), lock_after_s=0.0)
+    cam = fake_picamera2.instances[0]
+    cam.fail_array = True
+    with pytest.raises(CameraError, match="capture failed"):
+        src.read()
+    assert cam.requests and all(r.released for r in cam.requests)
+    src.close()
+
+
+def test_picamera2_open_failure_closes_the_camera(fake_picamera2) -> None:
+    fake_picamera2.fail_next_start = True
+    with pytest.raises(CameraError, match="ribbon cable"):
+        Picamera2Source((320, 240), lock_after_s=0.0)
+    assert fake_picamera2.instances[0].calls[-1] == "close"
+
+
+def test_missing_picamera2_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "picamera2", None)  # import fails
+    with pytest.raises(CameraError, match="python3-picamera2"):
+        Picamera2Source((320, 240))
+
+
+@pytest.mark.hardware
+@pytest.mark.skipif(not is_raspberry_pi(), reason="needs a Raspberry Pi with a camera")
+def test_real_camera_delivers_locked_rgb_frames() -> None:
+    src = Picamera2Source((1014, 760), lock_after_s=2.0)
+    try:
+        frames = [src.read() for _ in range(3)]
+    finally:
+        src.close()
+    assert all(f.array.shape == (760, 1014, 3) for f in frames)
+    assert src.locked["AeEnable"] is False and src.locked["AwbEnable"] is False

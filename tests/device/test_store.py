@@ -1,0 +1,205 @@
+"""The result store: durable records, JPEGs written atomically, a disk budget that prunes images and
+never records, queries, slides, CSV, and storage failures as StoreError."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from device.errors import StoreError
+from device.quality import assess
+from device.sources import synthetic_field
+from device.store import FieldResult, Filters, ResultStore
+
+SHA = "ab" * 32
+
+
+def result(i: int = 0, *, status: str = "ok", label: str | None = "Pro-B", all_: bool = True,
+           slide: str | None = None, t: float | None = None, name: str | None = None) -> FieldResult:
+    frame = synthetic_field(i)
+    return FieldResult(time=t if t is not None else 1_700_000_000.0 + i, status=status, label=label, all=all_,
+                       confidence=0.9, scores={"Benign": 0.1, "Pro-B": 0.9}, reason="" if status == "ok" else "why",
+                       quality=assess(frame), timings={"capture": 1.0, "invoke": 20.0}, model_sha256=SHA,
+                       source="replay", name=name or f"f{i}.jpg", slide_id=slide, distance=1.1, p_all=0.9)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = ResultStore(tmp_path / "state", reserve_bytes=0, busy_timeout_s=0.2)
+    yield s
+    s.close()
+
+
+def test_record_is_committed_before_it_returns_and_round_trips(store: ResultStore) -> None:
+    r = store.record(result(1), synthetic_field(1))
+    assert r.id == 1 and r.image is not None and "store" in r.timings
+    # another connection (as after a power cut and restart) sees it at once
+    with sqlite3.connect(store.path) as other:
+        assert other.execute("SELECT count(*) FROM fields").fetchone()[0] == 1
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    got = store.get(r.id)
+    assert got == r
+    img = store.image_file(r)
+    assert img is not None and Image.open(img).size == (224, 224)
+    assert not list(store.images_dir.rglob("*.tmp"))
+
+
+def test_jpeg_bytes_are_stored_as_given(store: ResultStore) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(synthetic_field(2)).save(buf, "JPEG")
+    r = store.record(result(2), buf.getvalue())
+    assert store.image_file(r).read_bytes() == buf.getvalue()
+
+
+def test_budget_prunes_oldest_images_never_records(tmp_path: Path) -> None:
+    one = len(_jpeg(0))
+    s = ResultStore(tmp_path / "s", image_budget_bytes=int(one * 3.5), reserve_bytes=0)
+    ids = [s.record(result(i), synthetic_field(i)).id for i in range(10)]
+    assert s.count() == 10  # every record kept
+    kept = [s.get(i).image is not None for i in ids]
+    assert kept[-3:] == [True] * 3 and not any(kept[:6])  # the oldest images went first
+    assert sum(p.stat().st_size for p in s.images_dir.rglob("*.jpg")) <= one * 3.5 * 1.2
+    assert s.stats().image_count == sum(kept) == len(list(s.images_dir.rglob("*.jpg")))
+    s.close()
+
+
+def _jpeg(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(synthetic_field(i)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_low_disk_stops_images_before_records(tmp_path: Path) -> None:
+    s = ResultStore(tmp_path / "s", reserve_bytes=1 << 60)  # "less free space than the reserve"
+    r = s.record(result(1), synthetic_field(1))
+    assert r.id == 1 and r.image is None and "no longer saved" in s.last_image_error
+    s.close()
+
+
+def test_an_image_that_cannot_be_written_still_leaves_the_record(store: ResultStore) -> None:
+    t = 1_700_000_000.0
+    day = time.strftime("%Y-%m-%d", time.gmtime(t))
+    (store.images_dir / day).write_text("a file where the day's folder should be")
+    r = store.record(result(0, t=t), synthetic_field(0))
+    assert r.id is not None and r.image is None and "cannot write" in store.last_image_error
+
+
+def test_locked_database_is_a_store_error_naming_the_fix(store: ResultStore) -> None:
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError, match="another process holds the database"):
+            store.record(result(1), synthetic_field(1))
+        assert not list(store.images_dir.rglob("*.jpg"))  # no image without its record
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.record(result(1)).id is not None  # and it recovers
+
+
+def test_read_only_database_is_a_store_error(store: ResultStore) -> None:
+    store._db.execute("PRAGMA query_only = 1")  # what a remounted-read-only SD card looks like to SQLite
+    with pytest.raises(StoreError, match="read-only|readonly"):
+        store.record(result(1))
+    store._db.execute("PRAGMA query_only = 0")
+
+
+def test_unusable_state_dir_and_damaged_database(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot create the state folder"):
+        ResultStore(blocker / "state")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.sqlite3").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="damaged"):
+        ResultStore(bad)
+
+
+def test_stray_images_from_a_crash_are_removed_at_open(tmp_path: Path) -> None:
+    s = ResultStore(tmp_path / "s", reserve_bytes=0)
+    r = s.record(result(1), synthetic_field(1))
+    s.close()
+    (tmp_path / "s" / "images" / "stray.jpg").write_bytes(b"x")
+    (tmp_path / "s" / "images" / "half.jpg.tmp").write_bytes(b"x")
+    s = ResultStore(tmp_path / "s", reserve_bytes=0)
+    files = sorted(p.name for p in s.images_dir.rglob("*") if p.is_file())
+    assert files == [Path(r.image).name]
+    assert s.stats().image_count == 1
+    s.close()
+
+
+def test_queries_filter_and_page(store: ResultStore) -> None:
+    a = store.start_slide(started=1_700_000_000.0)
+    for i in range(6):
+        store.record(result(i, slide=a, label="Pro-B" if i % 2 else "Benign", all_=bool(i % 2)))
+    store.record(result(6, status="retake", label=None, all_=False))
+    assert store.count() == 7
+    assert [r.id for r in store.query(limit=3)] == [7, 6, 5]
+    assert [r.id for r in store.query(limit=3, offset=3)] == [4, 3, 2]
+    assert [r.id for r in store.query(Filters(label="Benign"), newest_first=False)] == [1, 3, 5]
+    assert store.count(Filters(all=True)) == 3
+    assert store.count(Filters(status="retake")) == 1
+    assert store.count(Filters(slide_id=a)) == 6
+    assert store.count(Filters(since=1_700_000_004.0)) == 3
+    assert store.count(Filters(since=1_700_000_001.0, until=1_700_000_003.0)) == 2
+    assert [r.id for r in store.iter_results(batch=2)] == list(range(1, 8))
+
+
+def test_slides(store: ResultStore) -> None:
+    a = store.start_slide(started=1_700_000_000.0)
+    b = store.start_slide(started=1_700_000_000.0)  # same second: still a unique id
+    assert a != b and b.startswith(a)
+    store.record(result(1, slide=a))
+    store.record(result(2, slide=a, label="Benign", all_=False))
+    store.end_slide(a, 1_700_000_100.0)
+    rows = {s.id: s for s in store.slides()}
+    assert rows[a].fields == 2 and rows[a].all_fields == 1 and rows[a].ended == 1_700_000_100.0
+    assert rows[b].ended is None
+    assert store.slide(a).fields == 2 and store.slide("nope") is None
+    assert [r.id for r in store.slide_fields(a)] == [1, 2]
+    assert store.close_open_slides() == [b]
+    assert store.slide(b).ended == store.slide(b).started
+
+
+def test_csv_export_is_spreadsheet_safe(store: ResultStore) -> None:
+    store.record(result(1, name="=HYPERLINK(\"x\")"))
+    lines = list(store.csv_rows(classes=("Benign", "Pro-B")))
+    assert lines[0].startswith("id,time,slide_id,source,name,status,label,all,confidence,reason,p_Benign,p_Pro-B")
+    assert "'=HYPERLINK" in lines[1] and lines[1].startswith("1,2023-11-14T22:13:21.000Z")
+    assert len(lines) == 2
+
+
+def test_image_paths_cannot_escape_the_images_folder(store: ResultStore) -> None:
+    r = store.record(result(1))
+    import dataclasses
+
+    assert store.image_file(dataclasses.replace(r, image="../results.sqlite3")) is None
+    assert store.image_file(r) is None  # recorded without an image
+
+
+def test_integrity_and_stats(store: ResultStore) -> None:
+    store.record(result(1), synthetic_field(1))
+    st = store.stats()
+    assert store.integrity_check() == "ok"
+    assert st.fields == 1 and st.db_bytes > 0 and st.image_bytes > 0 and st.image_count == 1
+
+
+def test_bad_status_is_refused(store: ResultStore) -> None:
+    with pytest.raises(ValueError):
+        store.record(result(1, status="maybe"))
+
+
+def test_frozen_result_to_dict_is_json_ready(store: ResultStore) -> None:
+    import json
+
+    r = store.record(result(1), np.zeros((64, 64, 3), np.uint8))
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["id"] == 1 and d["quality"]["ok"] is True and d["time_iso"].endswith("Z")
