@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnx2tf
     import torch
+
     from convert.export import export_onnx, load_trained
     from convert.quantize import ONNX2TF_SAMPLE
     from device.preprocess import fit_square, load_image

@@ -89,11 +89,11 @@ def estimates(macs: int) -> dict:
     coral_rate = CORAL_USB_RESNET50[0] / CORAL_USB_RESNET50[1]
     return {
         "label": "ESTIMATE (scaled from public figures, not measured)",
-        "pi4_ms": [round(pi4[0], 1), round(pi4[1], 1)],
+        "pi4_ms": [round(pi4[0], 3), round(pi4[1], 3)],
         "pi4_rates_gmac_s": {k: round(v / 1e9, 1) for k, v in rates.items()},
-        "pi5_ms": [round(pi5[0], 1), round(pi5[1], 1)],
+        "pi5_ms": [round(pi5[0], 3), round(pi5[1], 3)],
         "pi5_assumption": f"Pi 5 = {PI5_OVER_PI4[0]:g}-{PI5_OVER_PI4[1]:g}x a Pi 4 (ASSUMPTION)",
-        "coral_usb_ms": round(macs / coral_rate * 1000, 1),
+        "coral_usb_ms": round(macs / coral_rate * 1000, 3),
         "coral_rate_gmac_s": round(coral_rate / 1e9, 1),
         "sources": ESTIMATE_SOURCES,
     }

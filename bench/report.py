@@ -89,6 +89,10 @@ def _f(v: Any, nd: int = 2, unit: str = "") -> str:
     return str(v)
 
 
+def _ms(v: float) -> str:
+    return f"{v:.0f}" if v >= 10 else f"{v:.2g}"
+
+
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -118,11 +122,13 @@ def render_markdown(results: dict) -> str:
                    f"{'**MISSED**' if row['result'] == MISSED else _cell(result)} |")
 
     bare = results.get("bare") or {}
-    out += ["", "## Bare interpreter (same weights, same threads, one input, same run)", ""]
+    if "bare" in results:
+        out += ["", "## Bare interpreter (same weights, same threads, one input, same run)", ""]
     if bare.get("error"):
         out.append(f"Not measured: {bare['error']}")
     if bare.get("models"):
-        out += ["| Model | Runtime | File size | Median | p95 | Runs | Median vs int8 |", "|---|---|---:|---:|---:|---:|---:|"]
+        out += ["| Model | Runtime | File size | Median | p95 | Runs | Median vs int8 |",
+                "|---|---|---:|---:|---:|---:|---:|"]
         for r in bare["models"]:
             out.append(f"| {_cell(r['name'])} | {_cell(r['runtime'])} | {_f(r['bytes'] / 1e6, 2, ' MB')} | "
                        f"{_f(r['median_ms'], 2, ' ms')} | {_f(r['p95_ms'], 2, ' ms')} | {r['n']} | "
@@ -137,8 +143,9 @@ def render_markdown(results: dict) -> str:
             out += ["", "Peers not measured: " + "; ".join(bare["errors"])]
 
     loop = results.get("loop") or {}
-    out += ["", "## The loop (real `device.service.Service`: source -> quality -> inference -> head -> record -> "
-            "LEDs)", ""]
+    if "loop" in results:
+        out += ["", "## The loop (real `device.service.Service`: source -> quality -> inference -> head -> record "
+                "-> LEDs)", ""]
     if loop.get("error"):
         out.append(f"Not measured: {loop['error']}")
     variants = [(k, loop[k]) for k in ("replay", "camera") if isinstance(loop.get(k), dict)]
@@ -172,7 +179,8 @@ def render_markdown(results: dict) -> str:
             out += [""] + [f"- {n}" for n in loop["notes"]]
 
     micro = results.get("micro") or {}
-    out += ["", "## Preprocessing, quality gate and head per frame (median, this process)", ""]
+    if "micro" in results:
+        out += ["", "## Preprocessing, quality gate and head per frame (median, this process)", ""]
     if micro.get("error"):
         out.append(f"Not measured: {micro['error']}")
     else:
@@ -185,7 +193,8 @@ def render_markdown(results: dict) -> str:
                 out.append(f"| {label} | " + " | ".join(_f(v.get(key), 3, " ms") for _, v in cols) + " |")
 
     page = results.get("page_load") or {}
-    out += ["", "## Under page load (loopback clients only)", ""]
+    if "page_load" in results:
+        out += ["", "## Under page load (loopback clients only)", ""]
     if page.get("error"):
         out.append(f"Not measured: {page['error']}")
     elif page:
@@ -203,7 +212,8 @@ def render_markdown(results: dict) -> str:
 
     mem = results.get("memory") or {}
     st = results.get("startup") or {}
-    out += ["", "## Memory and start-up (`python -m device run` as a subprocess, replay source)", ""]
+    if "memory" in results or "startup" in results:
+        out += ["", "## Memory and start-up (`python -m device run` as a subprocess, replay source)", ""]
     if mem.get("error"):
         out.append(f"Memory not measured: {mem['error']}")
     elif mem:
@@ -215,11 +225,12 @@ def render_markdown(results: dict) -> str:
     if st.get("error"):
         out.append(f"Start-up not measured: {st['error']}")
     elif st:
-        out.append(f"First recorded result after process start: {', '.join(_f(x, 2, ' s') for x in st.get('runs_s', []))}"
-                   f" (median {_f(st.get('median_s'), 2)} s).")
+        runs = ", ".join(_f(x, 2, " s") for x in st.get("runs_s", []))
+        out.append(f"First recorded result after process start: {runs} (median {_f(st.get('median_s'), 2)} s).")
 
     comp = results.get("compute") or {}
-    out += ["", "## Compute", ""]
+    if "compute" in results:
+        out += ["", "## Compute", ""]
     if comp.get("error"):
         out.append(f"Not measured: {comp['error']}")
     elif comp:
@@ -230,10 +241,10 @@ def render_markdown(results: dict) -> str:
         if e:
             out += ["", f"**{e.get('label', 'ESTIMATE')}**", "", "| Device | Estimated invoke | Basis |",
                     "|---|---:|---|",
-                    f"| Raspberry Pi 4 (4 threads) | {e['pi4_ms'][0]:.0f}-{e['pi4_ms'][1]:.0f} ms | "
+                    f"| Raspberry Pi 4 (4 threads) | {_ms(e['pi4_ms'][0])}-{_ms(e['pi4_ms'][1])} ms | "
                     f"{', '.join(f'{k} {v} GMAC/s' for k, v in e['pi4_rates_gmac_s'].items())} (ncnn int8) |",
-                    f"| Raspberry Pi 5 | {e['pi5_ms'][0]:.0f}-{e['pi5_ms'][1]:.0f} ms | {e['pi5_assumption']} |",
-                    f"| Coral USB Edge TPU | ~{e['coral_usb_ms']:.0f} ms | ResNet-50 ~49 ms = "
+                    f"| Raspberry Pi 5 | {_ms(e['pi5_ms'][0])}-{_ms(e['pi5_ms'][1])} ms | {e['pi5_assumption']} |",
+                    f"| Coral USB Edge TPU | ~{_ms(e['coral_usb_ms'])} ms | ResNet-50 ~49 ms = "
                     f"{e['coral_rate_gmac_s']} GMAC/s; needs an Edge-TPU-compiled model "
                     f"({'in the bundle' if comp.get('edgetpu_model') else 'NOT in this bundle'}) |",
                     "", f"_{e.get('sources', '')}_"]

@@ -146,7 +146,6 @@ def sample_label(path: Path, classes: Sequence[str]) -> str | None:
 def cmd_selftest(args: argparse.Namespace) -> int:
     from device.bundle import load_bundle
     from device.classifier import Classifier
-    from device.leds import make_pin_factory
     from device.sources import list_images
     from device.store import ResultStore
 
@@ -168,8 +167,13 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         return detail
 
     print(f"# config {cfg.path or 'built-in defaults'}; model {res.model_dir}", flush=True)
-    bundle = check("bundle", lambda: load_bundle(res.model_dir))
     holder: dict[str, Any] = {}
+
+    def verify_bundle() -> str:
+        b = holder["bundle"] = load_bundle(res.model_dir)
+        return f"{b.name}: every sha256 matches, {len(b.classes)} classes, input {b.input.size} px"
+    check("bundle", verify_bundle)
+    bundle = holder.get("bundle")
     if bundle is not None:
         def open_clf() -> str:
             holder["clf"] = Classifier.open(bundle, num_threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu)
@@ -225,8 +229,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         finally:
             drv.close()
         return "mock GPIO (no lights off the Pi)" if res.mock_gpio else "watch: green, amber, red, buzzer"
-    if make_pin_factory is not None:
-        check("leds", leds)
+    check("leds", leds)
 
     def camera() -> str:
         from device.app import source_factory

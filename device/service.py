@@ -201,7 +201,6 @@ class Service:
         self._backoff = config.camera.retry_min_s
         self._exhausted = False
         self._last_thumb: np.ndarray | None = None
-        self._force_capture = False
         self._update_leds()
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -278,6 +277,13 @@ class Service:
                 self._stop.wait(0.5)  # no hot spin if the error repeats
             if ok and not self._stop.is_set():
                 self._ping()
+        while True:  # fail what is still queued, so no web request waits for a loop that has ended
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            job.error = ScreenError("the appliance is stopping; try again when it is back")
+            job.done.set()
         log.info("screening loop stopped")
 
     def _ping(self) -> None:

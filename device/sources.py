@@ -252,7 +252,14 @@ class Picamera2Source:
                  self.locked["AnalogueGain"], self.locked["ColourGains"])
 
     def _capture(self) -> tuple[np.ndarray, dict]:
-        request = self._cam.capture_request(wait=self.timeout_s)
+        # Asynchronous request + bounded wait: a camera that stops delivering raises instead of blocking
+        # forever (the loop also bounds every read). A request that never completed dies with the camera,
+        # which the loop closes and reopens after any failure.
+        job = self._cam.capture_request(wait=False)
+        try:
+            request = self._cam.wait(job, timeout=self.timeout_s)
+        except TypeError:  # picamera2 before 0.3.13: wait() has no timeout
+            request = self._cam.wait(job)
         try:
             arr = request.make_array("main")
             metadata = request.get_metadata()

@@ -106,6 +106,15 @@ def test_selftest_passes_with_a_good_bundle_and_fails_without_one(tmp_path, caps
     assert "FAIL bundle" in capsys.readouterr().out
 
 
+def test_device_never_imports_the_toolchain() -> None:
+    code = ("import sys, device.cli, device.app, device.service, device.sources, device.store, device.leds, "
+            "device.config, device.quality, device.slides, device.notify; "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'tensorflow', 'sklearn', 'convert', "
+            "'picamera2', 'onnx', 'cv2'}); print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
 def test_usage_errors_exit_2() -> None:
     assert main([]) == 2
     assert main(["frobnicate"]) == 2

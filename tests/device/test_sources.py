@@ -150,8 +150,13 @@ class _FakePicamera2:
         if self.fail_start or _FakePicamera2.fail_next_start:
             raise RuntimeError("Camera __init__ sequence did not complete")
 
-    def capture_request(self, wait=None) -> _Request:
-        return _Request(self)
+    def capture_request(self, wait=None):
+        assert wait is False  # asynchronous, so that a stalled camera cannot block without a timeout
+        return ("job", _Request(self))
+
+    def wait(self, job, timeout=None) -> _Request:
+        assert job[0] == "job" and timeout is not None and timeout > 0
+        return job[1]
 
     def set_controls(self, controls: dict) -> None:
         self.controls.append(dict(controls))

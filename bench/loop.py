@@ -1,0 +1,369 @@
+"""The screening loop, timed: the real ``device.service.Service``, idle and under loopback page load.
+
+The Service is assembled the way ``device.app.build`` does it, from public
+constructors, with two measuring subclasses injected where the Service takes
+its dependencies: a :class:`ResultStore` that times ``record`` and a
+:class:`LedDriver` (on gpiozero's ``MockFactory``) that times ``show``. The
+rest of each field's stages come from the timings the Service itself records
+(capture, quality, preprocess, invoke, head). Time per field is the interval
+between consecutive frame captures (``Frame.t``): everything the loop does
+for one field, including change detection and publishing.
+
+Two sources: the replay of ``device/samples`` (224 px JPEGs decoded on every
+read, as ``make run`` does) and an in-memory camera stand-in that hands out
+pre-made 1014x760 frames (the default camera size) the way a camera driver
+hands out buffers, so crop/resize, the quality gate and the JPEG kept per
+field cost what they will cost with the eyepiece camera.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from bench.stats import summary
+from device import config as config_mod
+from device.bundle import Bundle
+from device.classifier import Classifier, decide
+from device.head import evaluate
+from device.leds import LedDriver, make_pin_factory
+from device.notify import Notifier
+from device.preprocess import frame_to_rgb, load_image, quantize_input
+from device.quality import assess
+from device.service import Service
+from device.sources import Frame, ReplaySource, list_images
+from device.store import FieldResult, ResultStore
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "device" / "samples"
+CAMERA_SIZE = config_mod.CameraConfig().size  # (1014, 760): what the eyepiece camera streams
+STAGES = ("capture", "quality", "preprocess", "inference", "head", "record", "leds", "other")
+
+
+# -- measuring subclasses ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rec:
+    frame_t: float
+    status: str
+    timings: dict
+    record_ms: float
+    leds_total_ms: float  # the LED driver's running total when this field was recorded
+
+
+class TimedStore(ResultStore):
+    """A real ResultStore whose ``record`` (JPEG + SQLite commit) is timed."""
+
+    def __init__(self, *args: Any, leds: TimedLeds | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.recs: list[Rec] = []
+        self.leds = leds
+        self._recs_lock = threading.Lock()
+
+    def record(self, result: FieldResult, image: bytes | np.ndarray | None = None) -> FieldResult:
+        t0 = time.perf_counter()
+        out = super().record(result, image)
+        ms = (time.perf_counter() - t0) * 1000
+        with self._recs_lock:
+            self.recs.append(Rec(result.time, result.status, dict(result.timings), ms,
+                                 self.leds.total_ms if self.leds is not None else 0.0))
+        return out
+
+    def snapshot(self) -> list[Rec]:
+        with self._recs_lock:
+            return list(self.recs)
+
+
+class TimedLeds(LedDriver):
+    """A real LedDriver (MockFactory pins) whose ``show`` is timed when the screening thread calls it."""
+
+    total_ms = 0.0
+
+    def show(self, pattern: Any) -> None:
+        t0 = time.perf_counter()
+        super().show(pattern)
+        if threading.current_thread().name == "screening":
+            self.total_ms += (time.perf_counter() - t0) * 1000
+
+
+class MemoryCamera:
+    """A ``FrameSource`` handing out pre-made frames in turn, like a camera driver's buffers (copied)."""
+
+    kind = "memory-camera"
+
+    def __init__(self, frames: list[np.ndarray]):
+        self.frames, self.i = frames, 0
+
+    def read(self) -> Frame:
+        arr = self.frames[self.i % len(self.frames)].copy()  # picamera2's make_array copies the buffer too
+        self.i += 1
+        return Frame(arr, f"camera-{self.i:06d}", time.time())
+
+    def close(self) -> None:
+        pass
+
+
+def camera_frames(n: int = 12, size: tuple[int, int] = CAMERA_SIZE) -> list[np.ndarray]:
+    """The committed samples scaled up to the camera's stream size (made once, not timed)."""
+    paths = list_images(SAMPLES)[:n]
+    return [np.asarray(load_image(p).resize(size, Image.Resampling.BICUBIC), dtype=np.uint8) for p in paths]
+
+
+# -- assembling the service ----------------------------------------------------------------------------------------
+
+
+def bench_config(bundle_dir: Path, threads: int, state_dir: Path, *, web_port: int = 0) -> config_mod.Config:
+    """The shipped defaults, except: this bundle and thread count, replay at full speed, mock GPIO, temp state."""
+    doc = {
+        "model": {"dir": str(bundle_dir), "threads": threads},
+        "camera": {"source": "replay", "replay_dir": str(SAMPLES), "interval_ms": 0},
+        "trigger": {"mode": "continuous", "interval_ms": 0},
+        "gpio": {"mock": "yes"},
+        "store": {"state_dir": str(state_dir)},
+        "web": {"host": "127.0.0.1", "port": web_port},
+    }
+    return config_mod.parse(doc, "<bench>")
+
+
+def make_service(cfg: config_mod.Config, bundle: Bundle, classifier: Classifier, state_dir: Path,
+                 source_factory: Callable[[], Any], kind: str) -> tuple[Service, TimedStore, TimedLeds]:
+    g, s = cfg.gpio, cfg.store
+    leds = TimedLeds(green=g.green, amber=g.amber, red=g.red, button=g.button, buzzer=g.buzzer or None,
+                     pin_factory=make_pin_factory(True), blink_s=cfg.alerts.blink_s, long_press_s=g.long_press_s,
+                     bounce_s=g.bounce_ms / 1000.0 or None)
+    store = TimedStore(state_dir, image_budget_bytes=int(s.image_budget_mb) << 20,
+                       reserve_bytes=int(s.reserve_mb) << 20, jpeg_quality=s.jpeg_quality,
+                       save_images=s.save_images, leds=leds)
+    svc = Service(cfg, bundle=bundle, classifier=classifier, store=store, source_factory=source_factory,
+                  source_kind=kind, leds=leds, notifier=Notifier(address=""), token="bench", state_dir=state_dir)
+    return svc, store, leds
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+# -- analysis (pure) -------------------------------------------------------------------------------------------------
+
+
+def field_stages(recs: list[Rec]) -> dict:
+    """Per-field periods and stage times from consecutive records (needs >= 3 records).
+
+    Period k runs from the capture of field k to the capture of field k+1: it
+    holds field k's quality gate, classification, record, LEDs and publishing,
+    and field k+1's capture.
+    """
+    periods, stages = [], {s: [] for s in STAGES}
+    for k in range(len(recs) - 1):
+        a, b = recs[k], recs[k + 1]
+        period = (b.frame_t - a.frame_t) * 1000
+        if period <= 0:
+            continue
+        t = a.timings
+        st = {"capture": float(b.timings.get("capture", 0.0)), "quality": float(t.get("quality", 0.0)),
+              "preprocess": float(t.get("preprocess", 0.0)), "inference": float(t.get("invoke", 0.0)),
+              "head": float(t.get("head", 0.0)), "record": a.record_ms, "leds": b.leds_total_ms - a.leds_total_ms}
+        st["other"] = period - sum(st.values())
+        periods.append(period)
+        for s in STAGES:
+            stages[s].append(st[s])
+    total = float(np.sum(periods)) if periods else 0.0
+    per_stage = {s: {"median_ms": summary(v)["median"], "share": round(float(np.sum(v)) / total, 4) if total else None}
+                 for s, v in stages.items()}
+    return {"periods": periods, "stages": per_stage}
+
+
+def bare_invoke(model: Any, rgb: np.ndarray, seconds: float, min_runs: int = 10) -> list[float]:
+    """The loop's own TFLiteModel, called directly: set input, invoke, read output."""
+    x = quantize_input(rgb, model.input_spec)
+    model.invoke(x)
+    out, t_end = [], time.perf_counter() + seconds
+    while len(out) < min_runs or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        model.invoke(x)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+# -- the loop run ---------------------------------------------------------------------------------------------------
+
+
+def run_loop(bundle: Bundle, classifier: Classifier, threads: int, *, source: str, fields: int, warm: int,
+             bare_s: float, timeout: float) -> dict:
+    """One Service run: bare invoke, ``warm`` + ``fields`` fields through the loop, bare invoke again."""
+    rgb = np.asarray(load_image(list_images(SAMPLES)[0]).resize((bundle.input.size,) * 2), dtype=np.uint8)
+    with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
+        state = Path(tmp) / "state"
+        cfg = bench_config(bundle.root, threads, state)
+        if source == "replay":
+            factory, label = (lambda: ReplaySource(SAMPLES, loop=True)), "replay of device/samples (224 px JPEGs)"
+        else:
+            frames = camera_frames()
+            factory = lambda: MemoryCamera(frames)  # noqa: E731
+            label = f"camera-size frames ({CAMERA_SIZE[0]}x{CAMERA_SIZE[1]}, in memory)"
+        before = bare_invoke(classifier.model, rgb, bare_s / 2)
+        svc, store, leds = make_service(cfg, bundle, classifier, state, factory, source)
+        svc.start()
+        try:
+            ok = wait_for(lambda: len(store.recs) >= warm + fields + 1, timeout)
+        finally:
+            svc.stop()
+            leds.close()
+            store.close()
+        after = bare_invoke(classifier.model, rgb, bare_s / 2)
+        recs = store.snapshot()
+        if not ok:
+            return {"label": label, "error": f"only {len(recs)} of {warm + fields + 1} fields within {timeout:.0f} s"}
+        timed = recs[warm:warm + fields + 1]
+        fs = field_stages(timed)
+        period = summary(fs["periods"])
+        bare = summary(before + after)
+        statuses: dict[str, int] = {}
+        for r in timed[:-1]:
+            statuses[r.status] = statuses.get(r.status, 0) + 1
+        return {
+            "label": label, "fields": len(fs["periods"]), "warm_fields": warm,
+            "period_median_ms": period["median"], "period_mean_ms": period["mean"], "period_p95_ms": period["p95"],
+            "bare_invoke_median_ms": bare["median"], "bare_invoke_p95_ms": bare["p95"], "bare_runs": bare["n"],
+            "ratio": round(period["median"] / bare["median"], 4) if bare["median"] else None,
+            "ratio_mean": round(period["mean"] / bare["mean"], 4) if bare["mean"] else None,
+            "stages": fs["stages"], "statuses": statuses,
+        }
+
+
+# -- preprocessing / quality / head micro-timings ----------------------------------------------------------------------
+
+
+def micro(classifier: Classifier, frames: list[np.ndarray], label: str, seconds: float) -> dict:
+    """Median ms per frame of the pure per-field steps around the model, on ``frames``."""
+    m, head, b = classifier.model, classifier.bundle.head, classifier.bundle
+    size = m.input_spec.size
+    thresholds = config_mod.Config().quality  # the shipped [quality] defaults
+    outs = [m.invoke(quantize_input(frame_to_rgb(f, size), m.input_spec)) for f in frames]
+    pre, hd, qual = [], [], []
+    t_end = time.perf_counter() + seconds
+    i = 0
+    while i < 3 * len(frames) or time.perf_counter() < t_end:
+        f, q = frames[i % len(frames)], outs[i % len(frames)]
+        t0 = time.perf_counter()
+        quantize_input(frame_to_rgb(f, size), m.input_spec)
+        t1 = time.perf_counter()
+        decide(head, evaluate(head, m.dequantize(q)), b.benign, b.thresholds)
+        t2 = time.perf_counter()
+        assess(f, thresholds)
+        t3 = time.perf_counter()
+        pre.append((t1 - t0) * 1000)
+        hd.append((t2 - t1) * 1000)
+        qual.append((t3 - t2) * 1000)
+        i += 1
+    h, w = frames[0].shape[:2]
+    return {"label": f"{label} ({w}x{h})", "preprocess_ms": summary(pre)["median"], "head_ms": summary(hd)["median"],
+            "quality_ms": summary(qual)["median"], "preprocess_p95_ms": summary(pre)["p95"],
+            "head_p95_ms": summary(hd)["p95"], "n": i}
+
+
+# -- page load --------------------------------------------------------------------------------------------------------
+
+
+def run_page_load(bundle: Bundle, classifier: Classifier, threads: int, *, clients: int, interval_s: float,
+                  phase_s: float, paths: tuple[str, ...], warm: int, timeout: float) -> dict:
+    """Replay loop with the real web page on 127.0.0.1; phases idle / load / idle / load of ``phase_s`` each."""
+    from device import web
+
+    with tempfile.TemporaryDirectory(prefix="bench-page-") as tmp:
+        state = Path(tmp) / "state"
+        cfg = bench_config(bundle.root, threads, state)
+        svc, store, leds = make_service(cfg, bundle, classifier, state, lambda: ReplaySource(SAMPLES, loop=True),
+                                        "replay")
+        svc.start()
+        server = web.serve(svc, "127.0.0.1", 0)
+        phases: list[tuple[str, float, float]] = []
+        client_stats: list[dict] = []
+        try:
+            if not wait_for(lambda: len(store.recs) >= warm, timeout):
+                return {"error": f"the loop recorded only {len(store.recs)} fields in {timeout:.0f} s"}
+            url = f"http://127.0.0.1:{server.port}"
+            for name in ("idle", "load", "idle", "load"):
+                if name == "idle":
+                    t0 = time.time()
+                    time.sleep(phase_s)
+                    phases.append((name, t0, time.time()))
+                else:
+                    stats, t0, t1 = _clients(url, clients, interval_s, phase_s, paths)
+                    client_stats.append(stats)
+                    phases.append((name, t0, t1))
+        finally:
+            server.close()
+            svc.stop()
+            leds.close()
+            store.close()
+        recs = store.snapshot()
+
+    def period(kind: str) -> tuple[float | None, int]:
+        spans, n = 0.0, 0
+        for name, t0, t1 in phases:
+            if name != kind:
+                continue
+            ts = [r.frame_t for r in recs if t0 <= r.frame_t <= t1]
+            if len(ts) >= 2:
+                spans += ts[-1] - ts[0]
+                n += len(ts) - 1
+        return (spans / n * 1000 if n else None), n
+
+    idle, n_idle = period("idle")
+    load, n_load = period("load")
+    lat = [x for s in client_stats for x in s.get("latencies_ms", [])]
+    reqs = sum(s.get("requests", 0) for s in client_stats)
+    secs = sum(s.get("seconds", 0.0) for s in client_stats)
+    if any(s.get("error") for s in client_stats):
+        return {"error": "; ".join(s["error"] for s in client_stats if s.get("error"))}
+    return {
+        "clients": clients, "interval_s": interval_s, "paths": list(paths), "seconds_per_phase": phase_s,
+        "phases": [p[0] for p in phases], "idle_fields": n_idle, "load_fields": n_load,
+        "idle_period_ms": round(idle, 3) if idle else None, "load_period_ms": round(load, 3) if load else None,
+        "ratio": round(load / idle, 4) if idle and load else None,
+        "requests": reqs, "req_per_s": round(reqs / secs, 1) if secs else None,
+        "errors": sum(s.get("errors", 0) for s in client_stats),
+        "latency_ms": {k: summary(lat)[k] for k in ("median", "p95")},
+        "client_cpu_s": round(sum(s.get("cpu_s", 0.0) for s in client_stats), 2),
+    }
+
+
+def _clients(url: str, clients: int, interval_s: float, seconds: float, paths: tuple[str, ...]
+             ) -> tuple[dict, float, float]:
+    """Run the client process (``python -m bench.clients``); returns its stats and the load window (epoch s)."""
+    cmd = [sys.executable, "-m", "bench.clients", "--url", url, "--clients", str(clients), "--interval",
+           str(interval_s), "--seconds", str(seconds), "--paths", ",".join(paths)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        return {"error": "the page-load clients did not finish"}, 0.0, 0.0
+    if proc.returncode != 0:
+        return {"error": f"page-load clients failed (exit {proc.returncode}): {err.strip()[-300:]}"}, 0.0, 0.0
+    stats = json.loads(out.strip().splitlines()[-1])
+    return stats, float(stats["t_start"]), float(stats["t_end"])
+

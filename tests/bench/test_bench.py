@@ -1,0 +1,108 @@
+"""The pure parts of ``make bench``: MAC counting and the targets table. No timing is asserted here."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from bench import clients, macs, report
+
+TINY = Path(__file__).resolve().parents[1] / "fixtures" / "bundle"
+
+
+def test_op_macs_matches_the_textbook_formulas() -> None:
+    # 3x3 conv, 3 -> 8 channels, 64x64 output: 64*64*8 outputs, each 3*3*3 MACs.
+    assert macs.op_macs("CONV_2D", (1, 64, 64, 8), (8, 3, 3, 3)) == 64 * 64 * 8 * 27
+    assert macs.op_macs("DEPTHWISE_CONV_2D", (1, 10, 10, 16), (1, 3, 3, 16)) == 10 * 10 * 16 * 9
+    assert macs.op_macs("FULLY_CONNECTED", (1, 4), (4, 1000)) == 4000
+    assert macs.op_macs("MAX_POOL_2D", (1, 32, 32, 8), (1, 2, 2, 1)) == 0
+
+
+def test_tiny_model_macs_are_walked_from_the_graph_and_the_first_conv_is_right_by_hand() -> None:
+    pytest.importorskip("ai_edge_litert")
+    rows = macs.graph_macs(TINY / "darknet19_int8.tflite")
+    convs = [r for r in rows if r.op == "CONV_2D"]
+    # DarkNet19: 18 backbone convs + the 1000-filter 1x1 conv (convert/darknet.py).
+    assert len(convs) == 19
+    # By hand: the tiny bundle is 64 px, width 0.125: first conv 3x3, 3 -> max(8, int(32 * 0.125)) = 8
+    # channels, stride 1 'same', so 64*64 outputs of 8 channels, each 3*3*3 MACs.
+    first = convs[0]
+    assert first.output_shape == (1, 64, 64, 8)
+    assert first.macs == 64 * 64 * 8 * 3 * 3 * 3 == 884_736
+    total = sum(r.macs for r in rows)
+    assert total > first.macs > 0
+    # The last conv (1x1 to 1000 features) at 64/32 = 2 px: 2*2*1000 outputs of 1*1*Cin MACs.
+    last = convs[-1]
+    assert last.output_shape[1:] == (2, 2, 1000)
+    assert last.macs == 2 * 2 * 1000 * last.weight_shape[3]
+
+
+def test_estimates_scale_with_macs_and_say_they_are_estimates() -> None:
+    e1, e2 = macs.estimates(1_000_000_000), macs.estimates(2_000_000_000)
+    assert "ESTIMATE" in e1["label"]
+    assert e2["pi4_ms"][0] == pytest.approx(2 * e1["pi4_ms"][0], rel=0.01)
+    assert e1["pi5_ms"][1] < e1["pi4_ms"][1]
+    assert e1["coral_usb_ms"] < e1["pi4_ms"][0]
+
+
+RESULTS = {
+    "meta": {"date": "2026-11-23 10:00 UTC", "machine": {"cpu": "Test CPU", "cores": 2}, "threads": 2},
+    "loop": {"replay": {"label": "replay", "ratio": 1.02, "fields": 10, "stages": {}},
+             "camera": {"label": "camera", "ratio": 1.02, "fields": 10, "stages": {}}},
+    "micro": {"camera": {"label": "camera", "preprocess_ms": 0.5, "head_ms": 0.2, "quality_ms": 1.0}},
+    "memory": {"peak_rss_mb": 90.0, "growth_mb": 0.1},
+    "startup": {"runs_s": [1.0], "median_s": 1.0},
+    "page_load": {"ratio": 1.01, "latency_ms": {}},
+}
+
+
+def test_every_target_is_met_when_every_figure_is_within_its_limit() -> None:
+    rows = report.evaluate_targets(RESULTS)
+    assert [r["result"] for r in rows] == [report.MET] * len(report.TARGETS)
+
+
+def test_a_missed_target_says_missed_in_the_table() -> None:
+    r = copy.deepcopy(RESULTS)
+    r["loop"]["replay"]["ratio"] = 1.30  # over the 1.05x target
+    r["memory"]["peak_rss_mb"] = 151.0  # over 150 MB
+    rows = {row["key"]: row for row in report.evaluate_targets(r)}
+    assert rows["loop_ratio"]["result"] == report.MISSED
+    assert rows["peak_rss_mb"]["result"] == report.MISSED
+    assert rows["first_result_s"]["result"] == report.MET
+    md = report.render_markdown(r)
+    loop_line = next(line for line in md.splitlines() if line.startswith("| Loop time per field / bare int8 invoke "
+                                                                          "(replay"))
+    assert "MISSED" in loop_line and "1.3 x" in loop_line
+    rss_line = next(line for line in md.splitlines() if line.startswith("| Peak RSS"))
+    assert "MISSED" in rss_line
+    startup_line = next(line for line in md.splitlines() if line.startswith("| Process start to first"))
+    assert "MISSED" not in startup_line and "met" in startup_line
+
+
+def test_a_section_that_failed_is_not_measured_not_met() -> None:
+    r = copy.deepcopy(RESULTS)
+    r["page_load"] = {"error": "clients failed"}
+    rows = {row["key"]: row for row in report.evaluate_targets(r)}
+    assert rows["page_load_ratio"]["result"] == report.NOT_MEASURED
+    assert "clients failed" in rows["page_load_ratio"]["note"]
+    assert "not measured: clients failed" in report.render_markdown(r)
+
+
+def test_stage_shares_account_for_every_millisecond_of_a_field() -> None:
+    from bench.loop import STAGES, Rec, field_stages
+
+    t = {"capture": 1.0, "quality": 2.0, "preprocess": 0.5, "invoke": 10.0, "head": 0.25}
+    recs = [Rec(frame_t=i * 0.020, status="ok", timings=t, record_ms=3.0, leds_total_ms=0.1 * i) for i in range(4)]
+    fs = field_stages(recs)
+    assert fs["periods"] == pytest.approx([20.0, 20.0, 20.0])
+    shares = sum(fs["stages"][s]["share"] for s in STAGES)
+    assert shares == pytest.approx(1.0)
+    assert fs["stages"]["inference"]["share"] == pytest.approx(0.5)
+    assert fs["stages"]["other"]["median_ms"] == pytest.approx(20 - (1 + 2 + 0.5 + 10 + 0.25 + 3 + 0.1))
+
+
+def test_page_load_clients_refuse_anything_but_loopback() -> None:
+    assert clients.main(["--url", "http://192.0.2.1:8080", "--seconds", "1"]) == 2
+    assert clients.main(["--url", "http://example.org/", "--seconds", "1"]) == 2
