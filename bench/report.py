@@ -202,7 +202,9 @@ def render_markdown(results: dict) -> str:
             f"{page.get('clients')} clients polling {', '.join(page.get('paths', []))} every "
             f"{_f(page.get('interval_s'), 2)} s for {_f(page.get('seconds_per_phase'), 0)} s per phase, phases "
             f"{' / '.join(page.get('phases', []))}: {page.get('requests')} requests "
-            f"({_f(page.get('req_per_s'), 1)}/s), {page.get('errors')} errors, latency median "
+            f"({_f(page.get('req_per_s'), 1)}/s; the page itself polls once per 2.5 s, so about "
+            f"{_f((page.get('req_per_s') or 0) * 2.5, 0)} open pages' worth), {page.get('errors')} errors, "
+            f"latency median "
             f"{_f(page.get('latency_ms', {}).get('median'), 1)} ms, p95 {_f(page.get('latency_ms', {}).get('p95'), 1)}"
             f" ms; the client process used {_f(page.get('client_cpu_s'), 1)} CPU s on this machine.",
             "",

@@ -88,8 +88,11 @@ def evaluate_all(o: Options) -> dict:
         "float_svm": {"accuracy": flt["accuracy"]},
         "int8_float_agreement": float((np.array(int8["pred"]) == np.array(flt["pred"])).mean()),
         "cnn_int8_agreement": float((np.array(int8["pred"]) == cnn_pred).mean()),
-        "corner_masked": {"accuracy": masked["accuracy"],
-                          "agreement_with_unmasked": float((np.array(masked["pred"]) == np.array(int8["pred"])).mean())},
+        "corner_masked": {
+            "accuracy": masked["accuracy"],
+            "agreement_with_unmasked": float((np.array(masked["pred"]) == np.array(int8["pred"])).mean()),
+        },
+        "ood_probes": _probes(head, z),
         "lsb": [lsb_robustness(head, z["test"], float(z["out_scale"]), k) for k in (1, 3)],
         "selection": {"criterion": sel["criterion"], "k": sel["k"], "C": sel["C"], "paper_k": 521,
                       "cv": sel["cv"]},
@@ -99,6 +102,16 @@ def evaluate_all(o: Options) -> dict:
     paper = next((r for r in sel["cv"] if r["k"] == 521 and r["C"] == sel["C"]), None)
     m["selection"]["paper_k_cv"] = paper["mean"] if paper else None
     return m
+
+
+def _probes(head, z) -> list[dict]:
+    from convert.evaluate import head_outputs
+    from convert.steps import PROBES
+
+    if "probe" not in z.files:
+        return []
+    return [{"probe": name, "distance": o.distance, "referred": bool(o.distance > head.ood_threshold)}
+            for name, o in zip(PROBES, head_outputs(head, z["probe"]))]
 
 
 def _confusion(y, pred, n):
@@ -139,7 +152,7 @@ def write_bundle(o: Options) -> Path:
     manifest = {
         "schema": SCHEMA,
         "name": f"darknet19-all-int8-{dt.date.today().isoformat()}",
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "source_commit": source_commit(),
         "classes": list(head.classes),
         "benign_class": "Benign",
@@ -147,14 +160,16 @@ def write_bundle(o: Options) -> Path:
         "input": {"size": i.size, "layout": "NHWC", "colour": "RGB", "dtype": i.dtype, "scale": i.scale,
                   "zero_point": i.zero_point,
                   "preprocessing": "device.preprocess: EXIF-upright RGB, centre square crop, PIL bilinear resize to "
-                                   "size, pixels 0..255; q = round(x/scale) + zero_point; normalisation is in the graph"},
+                                   "size, pixels 0..255; q = round(x/scale) + zero_point; "
+                                   "normalisation is in the graph"},
         "output": {"features": oo.size, "dtype": oo.dtype, "scale": oo.scale, "zero_point": oo.zero_point},
         "quantization": {"tool": "onnx2tf full-integer", "weights": "int8 per-channel", "activations": "int8",
                          "calibration_images": quant["calibration_images"],
                          "edgetpu_friendly": quant["edgetpu_friendly"], "op_types": quant["op_types"],
                          "onnx_vs_torch_max_abs_diff": exp["max_abs_diff"]},
         "head": {"k": head.k, "criterion": metrics["selection"]["criterion"], "svm_C": metrics["selection"]["C"],
-                 "calibration": "Platt sigmoid per class (one-vs-rest), normalised", "ood_threshold": head.ood_threshold},
+                 "calibration": "Platt sigmoid per class (one-vs-rest), normalised",
+                 "ood_threshold": head.ood_threshold},
         "thresholds": {"confidence": THRESHOLDS.confidence, "all_probability": THRESHOLDS.all_probability},
         "metrics": {
             "test_images": metrics["test_images"],

@@ -30,7 +30,8 @@ def _train_cfg(a):
 def _options(a):
     from convert.steps import Options
 
-    return Options(data=a.data.resolve(), work=a.work.resolve(), models=a.models.resolve(), test_fraction=a.test_fraction, block=a.block,
+    return Options(data=a.data.resolve(), work=a.work.resolve(), models=a.models.resolve(),
+                   test_fraction=a.test_fraction, block=a.block,
                    seed=a.seed, calib=a.calib, edgetpu_friendly=not a.keep_leakyrelu, criterion=a.criterion,
                    folds=a.folds, force=a.force)
 

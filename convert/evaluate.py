@@ -57,7 +57,8 @@ def table2(x: np.ndarray, y: np.ndarray, ranking: np.ndarray, k: int, C: float, 
     """
     models = {
         "SVM (linear)": lambda: make_pipeline(StandardScaler(), svm(C, seed)),
-        "ANN (MLP 100)": lambda: make_pipeline(StandardScaler(), MLPClassifier((100,), max_iter=500, random_state=seed)),
+        "ANN (MLP 100)": lambda: make_pipeline(StandardScaler(),
+                                               MLPClassifier((100,), max_iter=500, random_state=seed)),
         "KNN (k=5)": lambda: make_pipeline(StandardScaler(), KNeighborsClassifier(5)),
         "Naive Bayes": lambda: GaussianNB(),
     }

@@ -64,10 +64,7 @@ def mrmr(x: np.ndarray, y: np.ndarray, k: int | None = None, *, criterion: str =
         last = selected[-1]
         redundancy_sum += mutual_info_many(xb[:, last], xb, bins, bins, h_b)
         red = redundancy_sum / len(selected)
-        if criterion == "MID":
-            score = relevance - red
-        else:
-            score = relevance / np.maximum(red, 1e-12)
+        score = relevance - red if criterion == "MID" else relevance / np.maximum(red, 1e-12)
         score = np.where(remaining, score, -np.inf)
         nxt = int(np.argmax(score))
         selected.append(nxt)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.steps import Options, paths
+from convert.steps import Options
 
 
 def _pct(x: float | None) -> str:
@@ -65,9 +65,8 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
         shutil.copyfile(curves, fig / "training_curves.png")
     history = o.work / "train" / "history.json"
     hist = json.loads(history.read_text()) if history.exists() else []
-    q, mm, i8 = manifest["quantization"], manifest["metrics"], m["int8_svm"]
+    q, i8 = manifest["quantization"], m["int8_svm"]
     sel = m["selection"]
-    cfg = json.loads(Path(o.work / "stamps" / "train.json").read_text()) if (o.work / "stamps" / "train.json").exists() else {}
     L = []
     a = L.append
     a("# The shipped model: how it was made and how good it is\n")
@@ -77,8 +76,9 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
     a("**This is a screening aid. Every result is confirmed by a haematologist.**\n")
     a("## Data\n")
     s = manifest["split"]
-    a(f"- Source: the ALL image dataset of Aria et al. (2021), Taleqani Hospital, Tehran (development share, "
-      f"`../shared/data/all-aria`). Images de-duplicated by content hash (byte-identical pairs dropped) before splitting.")
+    a("- Source: the ALL image dataset of Aria et al. (2021), Taleqani Hospital, Tehran (development share, "
+      "`../shared/data/all-aria`). Images de-duplicated by content hash (byte-identical pairs dropped) "
+      "before splitting.")
     a(f"- Split: {s['train']} train / {s['test']} held-out test ({int(100 * s['test_fraction'])}%, stratified). "
       f"Within each class, images are kept in blocks of {s['block']} consecutive acquisition numbers, so "
       "neighbouring frames (often the same patient or the same field) never straddle train and test. "
@@ -90,13 +90,13 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
       "convolution (1000 filters) + global average pooling is the 1000-d feature vector; a training-only linear "
       "layer maps it to the 4 classes. Trained from scratch (no ImageNet weights are available offline).")
     if hist:
-        c = cfg
         a(f"2. **Training** (paper Table 1): SGD momentum 0.9, LR 0.01 dropped x0.1 twice, L2 1e-4, batch 32, "
           f"{len(hist)} epochs; progressive resizing ({sum(h['size'] != 224 for h in hist)} epochs at "
           f"{hist[0]['size']} px, {sum(h['size'] == 224 for h in hist)} at 224 px). Augmentation: flips, 90-degree "
           "rotations, shift +-10%, zoom +-10%, shear, brightness +-10%, and the scale-bar corner painted over in half "
-          f"of the images. Last epoch: held-out accuracy {_pct(hist[-1]['test_acc'])}. {c and ''}")
-    a(f"3. **ONNX** export (BN folded), max |ONNX - PyTorch| on real test images: {q['onnx_vs_torch_max_abs_diff']:.3g}.")
+          f"of the images. Last epoch: held-out accuracy {_pct(hist[-1]['test_acc'])}.")
+    a("3. **ONNX** export (BN folded), max |ONNX - PyTorch| on real test images: "
+      f"{q['onnx_vs_torch_max_abs_diff']:.3g}.")
     a(f"4. **int8 TFLite** with onnx2tf: {q['weights']}, int8 activations, int8 input and output, calibrated on "
       f"{q['calibration_images']} real training images prepared by `device/preprocess.py`. Input quantization "
       f"scale {manifest['input']['scale']:g}, zero point {manifest['input']['zero_point']} (raw pixels; exact). "
@@ -104,9 +104,10 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
     a("   Op types in the final graph: " + ", ".join(f"`{k}` x{v}" for k, v in q["op_types"].items()) + ".")
     a("5. **Features**: every train and test image through the int8 model with `device/`'s own preprocessing and "
       "inference code, so the head is fitted on exactly what the Pi computes.")
+    k_cv = max(r["mean"] for r in sel["cv"] if r["k"] == sel["k"])
     a(f"6. **mRMR** ({sel['criterion']}: relevance / mean redundancy, as MATLAB's `fscmrmr`); mutual information by "
       "plug-in estimates on 10 equal-frequency bins per feature. k chosen by 5-fold CV on the training split with mRMR "
-      f"re-run inside each fold: **k = {sel['k']}** (CV {_pct(max(r['mean'] for r in sel['cv'] if r['k'] == sel['k']))}); "
+      f"re-run inside each fold: **k = {sel['k']}** (CV {_pct(k_cv)}); "
       f"the paper's k = 521 scores {_pct(sel['paper_k_cv'])} in the same CV. See `figures/mrmr_k.png`.")
     a(f"7. **Head**: standardisation + linear SVM (one-vs-rest, C = {sel['C']}), Platt-calibrated probabilities, and "
       f"an out-of-distribution distance (RMS distance to the nearest class centroid in training-spread units; "
@@ -131,6 +132,11 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
     a(f"- Device rule on the held-out set: {_pct(i8['ok_fraction'])} of fields get a label (accuracy among them "
       f"{_pct(i8['ok_accuracy'])}), {i8['refer']} referred ({i8['ood']} as out-of-distribution); the ALL alert fires "
       f"on {ba['tp']}/{ba['tp'] + ba['fn']} ALL fields and {ba['fp']}/{ba['tn'] + ba['fp']} benign fields.")
+    if m.get("ood_probes"):
+        hit = sum(p["referred"] for p in m["ood_probes"])
+        a(f"- Fields unlike any smear (out-of-distribution check): {hit}/{len(m['ood_probes'])} referred — " +
+          ", ".join(f"{p['probe']} {p['distance']:.1f}{' (referred)' if p['referred'] else ' (NOT referred)'}"
+                    for p in m["ood_probes"]) + f" (threshold {manifest['head']['ood_threshold']:.2f}).")
     lsb = "; ".join(f"+-{r['lsb']} LSB: {r['flips']}/{r['n']} decisions change" for r in m["lsb"])
     a(f"- ARM vs x86 int8 rounding (a few LSB): {lsb}.")
     a(f"- **What the model looks at**: with the '10 um' scale-bar corner painted over (camera frames have no such "

@@ -114,8 +114,9 @@ def split(o: Options) -> None:
 
     params = {"data": str(Path(o.data).resolve()), "tf": o.test_fraction, "block": o.block, "seed": o.seed}
     # The data folder is an input too: re-scan when its listing changes.
-    listing = sorted(str(q.relative_to(o.data)) + str(q.stat().st_size) for q in Path(o.data).rglob("*") if q.is_file()) \
-        if Path(o.data).is_dir() else []
+    root = Path(o.data)
+    listing = sorted(f"{q.relative_to(root)}:{q.stat().st_size}" for q in root.rglob("*") if q.is_file()) \
+        if root.is_dir() else []
     params["listing"] = hashlib.sha256("\n".join(listing).encode()).hexdigest()
     run_step(o, "split", [], [p], params, go)
 
@@ -233,7 +234,9 @@ def features(o: Options) -> None:
             masked[:, rows, cols] = fill[:, None, None, :]
         f_mask = np.stack([model_features(model, im) for im in masked])
         f_float = float_features_onnx(pp["onnx"], xte)
+        f_probe = np.stack([model_features(model, im) for im in probe_frames(size, o.seed)])
         np.savez_compressed(pp["features"], train=f_tr, test=f_te, test_masked=f_mask, test_float=f_float,
+                            probe=f_probe,
                             y_train=ytr, y_test=yte, classes=np.array(classes),
                             test_names=np.array([s.path for s in items]),
                             out_scale=np.float64(model.output_spec.scale))
@@ -242,6 +245,25 @@ def features(o: Options) -> None:
         return {"ms_per_image": per_image * 1000}
 
     run_step(o, "features", [pp["tflite"], pp["onnx"], pp["split"]], [pp["features"]], {}, go)
+
+
+PROBES = ("blank white slide", "blank pink slide", "black frame", "uniform noise", "grey gradient",
+          "saturated colour blocks")
+
+
+def probe_frames(size: int, seed: int = 0) -> list[np.ndarray]:
+    """Fields unlike any smear, for the report's out-of-distribution check (one per PROBES entry)."""
+    rng = np.random.default_rng(seed)
+    g = np.linspace(0, 255, size, dtype=np.float64)
+    blocks = np.zeros((size, size, 3), np.uint8)
+    h = size // 2
+    blocks[:h, :h] = (255, 0, 0)
+    blocks[:h, h:] = (0, 255, 0)
+    blocks[h:, :h] = (0, 0, 255)
+    blocks[h:, h:] = (255, 255, 0)
+    return [np.full((size, size, 3), 250, np.uint8), np.full((size, size, 3), (235, 200, 220), np.uint8),
+            np.zeros((size, size, 3), np.uint8), rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+            np.repeat(np.tile(g, (size, 1))[..., None], 3, axis=2).astype(np.uint8), blocks]
 
 
 def head(o: Options) -> None:

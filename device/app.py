@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from device import config as config_mod
 from device.bundle import load_bundle
 from device.classifier import Classifier
-from device.config import Config, Resolved, resolve
+from device.config import Config, GpioConfig, Resolved, resolve
 from device.errors import StoreError
-from device.leds import LedDriver, make_pin_factory
+from device.leds import AlertInputs, LedDriver, Pattern, alert_state, make_pin_factory
 from device.notify import Notifier
 from device.service import Service
 from device.sources import FileSource, FrameSource, Picamera2Source, ReplaySource, SyntheticSource
@@ -32,6 +33,12 @@ from device.store import ResultStore, open_store
 log = logging.getLogger(__name__)
 
 TOKEN_FILE = "token"
+#: On real GPIO, a service that cannot start shows the fault pattern this long, then exits non-zero; systemd
+#: restarts it RestartSec later. Below the unit's TimeoutStartSec (180 s), and long enough that 5 attempts
+#: do not hit its start limit (5 in 600 s), so the box retries for ever with the fault lit most of the time.
+START_FAULT_HOLD_S = 120.0
+#: The same with mock GPIO (a laptop, tests): nobody sees mock LEDs, so exit at once.
+MOCK_FAULT_HOLD_S = 0.0
 
 
 def source_factory(res: Resolved) -> tuple[Callable[[], FrameSource], str]:
@@ -83,6 +90,62 @@ def make_leds(cfg: Config, mock: bool) -> LedDriver:
     return LedDriver(green=g.green, amber=g.amber, red=g.red, button=g.button, buzzer=g.buzzer or None,
                      pin_factory=make_pin_factory(mock), blink_s=cfg.alerts.blink_s, long_press_s=g.long_press_s,
                      bounce_s=g.bounce_ms / 1000.0 or None)
+
+
+def fault_pattern() -> Pattern:
+    """What the LEDs show for a fault (the same pattern as a camera or storage fault while running)."""
+    return alert_state(AlertInputs(ready=False, fault=True))
+
+
+def show_start_fault(config_path: str | Path | None, exc: BaseException, *, on_pi: bool | None = None,
+                     hold_s: float | None = None, pin_factory: Any = None, stop: threading.Event | None = None,
+                     notifier: Notifier | None = None) -> Pattern | None:
+    """The service cannot start (``exc``): light the fault pattern, tell systemd, wait, then return.
+
+    The pins come from the config's ``[gpio]`` (even when another section is refused); a file that is
+    not TOML, or a bad ``[gpio]``, leaves the LEDs dark rather than drive guessed pins. ``hold_s`` (default
+    :data:`START_FAULT_HOLD_S` on real GPIO, :data:`MOCK_FAULT_HOLD_S` with mock GPIO) ends early on
+    SIGTERM/SIGINT. Returns the pattern shown, or None.
+    """
+    notifier = notifier or Notifier()
+    notifier.status(f"FAULT: cannot start: {exc}")
+    gpio: GpioConfig | None
+    try:
+        cfg = config_mod.load(config_path)
+        gpio, blink_s = cfg.gpio, cfg.alerts.blink_s
+    except Exception:
+        gpio, blink_s = config_mod.load_gpio(config_path), config_mod.AlertsConfig().blink_s
+    if gpio is None:
+        log.warning("the LEDs cannot show the fault: the pins are unknown until %s is fixed", config_path)
+        return None
+    on_pi = config_mod.is_raspberry_pi() if on_pi is None else on_pi
+    mock = {"auto": not on_pi, "yes": True, "no": False}[gpio.mock]
+    if hold_s is None:
+        hold_s = MOCK_FAULT_HOLD_S if mock else START_FAULT_HOLD_S
+    if hold_s <= 0:
+        return None
+    try:
+        leds = LedDriver(green=gpio.green, amber=gpio.amber, red=gpio.red, button=None,
+                         buzzer=gpio.buzzer or None, blink_s=blink_s,
+                         pin_factory=pin_factory if pin_factory is not None else make_pin_factory(mock))
+    except Exception as led_exc:  # GPIO busy or missing: the message and the exit code still tell
+        log.warning("the LEDs cannot show the fault: %s", led_exc)
+        return None
+    pattern = fault_pattern()
+    stop = stop or threading.Event()
+    old: dict = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        leds.show(pattern)
+        log.error("cannot start; the LEDs show the fault pattern (amber blinking, red alternating) for %g s, "
+                  "then the service exits and systemd retries", hold_s)
+        stop.wait(hold_s)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        leds.close()
+    return pattern
 
 
 def web_module() -> Any | None:

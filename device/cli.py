@@ -55,6 +55,8 @@ def setup_logging(verbose: bool) -> logging.Handler:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("PIL", "waitress", "werkzeug", "gpiozero"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "Task queue depth is N", once per queued request: a burst of page requests would flood the journal
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     return handler
 
 
@@ -70,6 +72,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from device import app
 
     return app.run(_load_config(args.config))
+
+
+def _start_fault(args: argparse.Namespace, exc: BaseException) -> None:
+    """``run`` could not start: the fault pattern on the LEDs before the non-zero exit (see ``device.app``)."""
+    if getattr(args, "fn", None) is not cmd_run:
+        return
+    from device import app
+
+    try:
+        app.show_start_fault(args.config or os.environ.get("LEUKOSCREEN_CONFIG") or None, exc)
+    except Exception as led_exc:  # never hide the original error
+        log.warning("could not show the fault on the LEDs: %s", led_exc)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -291,15 +305,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.fn(args))
     except ConfigError as exc:
         log.error("%s", exc, exc_info=args.verbose)
+        _start_fault(args, exc)
         return EXIT_USAGE
     except ScreenError as exc:
         log.error("%s", exc, exc_info=args.verbose)
+        _start_fault(args, exc)
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
         log.error("unexpected %s: %s%s", type(exc).__name__, exc, "" if args.verbose else " (--verbose for details)",
                   exc_info=args.verbose)
+        _start_fault(args, exc)
         return EXIT_FAIL
     finally:  # main() may be called again in the same process (tests, tools): leave logging as we found it
         handler.flush()

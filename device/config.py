@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import tomllib
 import types
 import typing
@@ -40,6 +41,8 @@ PI_MODEL_FILE = Path("/proc/device-tree/model")
 CAMERA_SOURCES = ("auto", "picamera2", "replay", "files", "synthetic")
 TRIGGER_MODES = ("continuous", "button")
 MOCK_CHOICES = ("auto", "yes", "no")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 
 
 def _choices(*values: Any) -> dict:
@@ -138,6 +141,10 @@ class WebConfig:
     token: str = ""
     max_upload_mb: int = field(default=10, metadata=_range(1, 200))
     enabled: bool = True
+    #: Extra host names the page may be reached by (e.g. "leukoscreen.clinic.lan"). IP addresses, localhost
+    #: and this machine's own name (plain or .local) always work; any other Host header is refused
+    #: (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -194,7 +201,12 @@ def _allowed(hint: Any, meta: dict) -> str:
     origin = typing.get_origin(hint)
     if origin is tuple:
         args = typing.get_args(hint)
-        kind = f"a list of {len(args)} integers" if ... not in args else "a list of path strings"
+        if ... not in args:
+            kind = f"a list of {len(args)} integers"
+        elif args[0] is str:
+            kind = "a list of host names (letters, digits, '-' and '.'; no scheme, port or wildcard)"
+        else:
+            kind = "a list of path strings"
     elif origin in (types.UnionType, typing.Union):
         kind = "a path string (\"\" for the default)"
     else:
@@ -242,9 +254,14 @@ def _convert(where: str, key: str, value: Any, hint: Any, meta: dict) -> Any:
         args = typing.get_args(hint)
         if not isinstance(value, list):
             raise _bad(where, key, value, allowed)
-        if ... in args:  # tuple[Path, ...]
+        if ... in args:  # tuple[Path, ...] or tuple[str, ...] (host names)
             if not all(isinstance(v, str) and v for v in value):
                 raise _bad(where, key, value, allowed)
+            if args[0] is str:
+                names = tuple(v.strip().lower().rstrip(".") for v in value)
+                if not all(len(n) <= 253 and HOST_NAME.fullmatch(n) for n in names):
+                    raise _bad(where, key, value, allowed)
+                return names
             return tuple(Path(v) for v in value)
         if len(value) != len(args) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise _bad(where, key, value, allowed)
@@ -334,6 +351,26 @@ def load(path: str | Path | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax") from exc
     return dataclasses.replace(parse(doc, str(path)), path=path)
+
+
+def load_gpio(path: str | Path | None) -> GpioConfig | None:
+    """Only ``[gpio]`` of a config file that may be refused elsewhere: the pins to show a start-up fault on.
+
+    None when the file cannot be read or is not TOML, or when ``[gpio]`` itself is bad: the pins are then
+    unknown, and driving a guessed pin could fight whatever is wired to it.
+    """
+    if path is None:
+        return GpioConfig()
+    try:
+        doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    try:
+        gpio = _section(str(path), "gpio", GpioConfig, doc.get("gpio", {}))
+        _cross_checks(Config(gpio=gpio), str(path))
+    except ConfigError:
+        return None
+    return gpio
 
 
 # -- resolving "auto" and paths ---------------------------------------------------------------------------

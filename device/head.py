@@ -8,6 +8,7 @@ test image). Pure functions: no I/O beyond :func:`load_head`.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def load_head(path: Path) -> Head:
             n_features = int(z["n_features"])
     except BundleError:
         raise
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # a damaged .npz is a bad zip
         raise BundleError(f"{path}: head file is unreadable ({exc}); rebuild it with `make convert`") from exc
     head = Head(classes=classes, n_features=n_features, ood_threshold=float(arrays.pop("ood_threshold")),
                 **{k: v.astype(np.int64 if k == "indices" else np.float64) for k, v in arrays.items()})

@@ -19,6 +19,7 @@ import numpy as np
 
 from device.errors import BundleError, RuntimeUnavailableError
 from device.preprocess import InputSpec
+from device.tflite_check import check_tflite
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,11 @@ class TFLiteModel:
         Interpreter, load_delegate, self.runtime = _import_runtime()
         self.delegate = "cpu"
         self.path = Path(path)
+        check_tflite(self.path)  # a damaged file crashes the runtime (segfault) instead of raising
         interp = None
         if edgetpu_path is not None and use_edgetpu:
             try:
+                check_tflite(edgetpu_path)
                 delegate = load_delegate(EDGETPU_LIB)
                 interp = Interpreter(model_path=str(edgetpu_path), experimental_delegates=[delegate])
                 self.delegate, self.path = "edgetpu", Path(edgetpu_path)

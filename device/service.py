@@ -23,7 +23,7 @@ import shutil
 import statistics
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +40,7 @@ from device.leds import V_ALL, V_BENIGN, V_REFER, V_RETAKE, AlertInputs, LedDriv
 from device.notify import Notifier
 from device.preprocess import load_image
 from device.quality import Quality, assess, validate_frame
-from device.slides import SlideRules, SlideVerdict, aggregate
+from device.slides import FieldKey, SlideRules, SlideVerdict, aggregate, aggregate_tally, field_key
 from device.sources import Frame, FrameSource, SourceExhausted
 from device.store import FieldResult, ResultStore
 
@@ -187,7 +187,7 @@ class Service:
         self._last: FieldResult | None = None
         self._slide_id: str | None = None
         self._slide_started: float | None = None
-        self._slide_fields: list[FieldResult] = []
+        self._slide_tally: Counter[FieldKey] = Counter()  # the open slide's fields, as counts
         self._invoke_ms: deque[float] = deque(maxlen=200)
         self._field_ms: deque[float] = deque(maxlen=200)
         self._field_times: deque[float] = deque(maxlen=30)
@@ -249,7 +249,9 @@ class Service:
         while not self._stop.is_set():
             now = self.clock()
             if mode == "continuous" and not self._exhausted and self.source_factory is not None:
-                wait = max(0.0, next_capture - now)
+                # after a camera fault, sleep until the back-off ends (not spin on a zero interval)
+                due = next_capture if self._source is not None else max(next_capture, self._retry_at)
+                wait = max(0.0, due - now)
             else:
                 wait = 1.0
             try:
@@ -364,7 +366,11 @@ class Service:
             self._camera_failed(exc)
             return None
         capture_ms = (time.perf_counter() - t0) * 1000
-        problem = validate_frame(getattr(frame, "array", None))
+        arr = getattr(frame, "array", None)
+        problem = validate_frame(arr)
+        if not problem and not arr.any():  # a real field, even a dark one, has sensor noise
+            problem = ("every pixel is 0 (an empty buffer): check the camera cable, the lamp and that the eyepiece "
+                       "is not covered")
         if problem:
             self._camera_failed(CameraError(f"camera sent a garbage frame: {problem}"))
             return None
@@ -444,7 +450,7 @@ class Service:
                 if r.all:
                     self._alarm = True
                 if r.slide_id is not None and r.slide_id == self._slide_id:
-                    self._slide_fields.append(r)
+                    self._slide_tally[field_key(r)] += 1
             self._bump()
         if is_camera:
             self._update_leds()
@@ -463,7 +469,7 @@ class Service:
             self._set_fault("storage", str(exc))
             return None
         with self._lock:
-            self._slide_id, self._slide_started, self._slide_fields = sid, time.time(), []
+            self._slide_id, self._slide_started, self._slide_tally = sid, time.time(), Counter()
             self._bump()
         log.info("slide %s started", sid)
         return sid
@@ -473,7 +479,7 @@ class Service:
         self.end_slide()
         sid = self.store.start_slide()
         with self._lock:
-            self._slide_id, self._slide_started, self._slide_fields = sid, time.time(), []
+            self._slide_id, self._slide_started, self._slide_tally = sid, time.time(), Counter()
             self._bump()
         log.info("slide %s started", sid)
         return sid
@@ -482,7 +488,7 @@ class Service:
         """End the current slide; the next camera field starts a new one. Returns the ended id."""
         with self._lock:
             sid, self._slide_id = self._slide_id, None
-            fields, self._slide_fields = self._slide_fields, []
+            fields, self._slide_tally = self._slide_tally, Counter()
             self._bump()
         if sid is None:
             return None
@@ -490,7 +496,7 @@ class Service:
             self.store.end_slide(sid)
         except StoreError as exc:
             self._set_fault("storage", str(exc))
-        v = aggregate(fields, self.bundle.benign, self.rules, self.bundle.classes)
+        v = aggregate_tally(fields, self.bundle.benign, self.rules, self.bundle.classes)
         log.info("slide %s ended: %s%s (%s)", sid, v.verdict, f" {v.subtype}" if v.subtype else "", v.reason)
         return sid
 
@@ -505,7 +511,7 @@ class Service:
     def slide_verdict(self, slide_id: str) -> SlideVerdict | None:
         with self._lock:
             if slide_id == self._slide_id:
-                return aggregate(list(self._slide_fields), self.bundle.benign, self.rules, self.bundle.classes)
+                return aggregate_tally(self._slide_tally, self.bundle.benign, self.rules, self.bundle.classes)
         if self.store.slide(slide_id) is None:
             return None
         return aggregate(self.store.slide_fields(slide_id), self.bundle.benign, self.rules, self.bundle.classes)
@@ -641,7 +647,7 @@ class Service:
             times = list(self._field_times)
             slide = None
             if self._slide_id is not None:
-                v = aggregate(list(self._slide_fields), self.bundle.benign, self.rules, self.bundle.classes)
+                v = aggregate_tally(self._slide_tally, self.bundle.benign, self.rules, self.bundle.classes)
                 slide = {"id": self._slide_id, "started": self._slide_started, **v.to_dict()}
             return {
                 "ready": self._ready and self.running,

@@ -230,7 +230,8 @@ class ResultStore:
         msg = str(exc)
         if "locked" in msg or "busy" in msg:
             fix = "another process holds the database; stop it (only one LeukoScreen may run)"
-        elif "readonly" in msg or "read-only" in msg or getattr(exc, "errno", None) == 30:
+        elif ("readonly" in msg or "read-only" in msg or getattr(exc, "errno", None) == 30
+              or self._read_only_fs()):
             fix = "the state folder is read-only; check the SD card (it may have failed) and the permissions"
         elif "full" in msg or getattr(exc, "errno", None) == 28:
             fix = "the disk is full; free space or lower [store] image_budget_mb"
@@ -239,6 +240,13 @@ class ResultStore:
         else:
             fix = "check the disk and the state folder's permissions"
         return StoreError(f"{self.path}: cannot {what} ({type(exc).__name__}: {msg}); {fix}")
+
+    def _read_only_fs(self) -> bool:
+        """SQLite reports a read-only file system as "unable to open" or "disk I/O error"; ask the kernel."""
+        try:
+            return bool(os.statvfs(self.state_dir).f_flag & os.ST_RDONLY)
+        except OSError:
+            return False
 
     # -- images --------------------------------------------------------------------------------------------
 
@@ -276,9 +284,11 @@ class ResultStore:
         except OSError:
             free = 0
         if free - len(jpeg) < self.reserve_bytes:
-            self.last_image_error = (f"{self.state_dir}: only {free >> 20} MB free (reserve {self.reserve_bytes >> 20}"
-                                     " MB); frame images are no longer saved, records still are")
-            log.warning(self.last_image_error)
+            msg = (f"{self.state_dir}: only {free >> 20} MB free (reserve {self.reserve_bytes >> 20}"
+                   " MB); frame images are no longer saved, records still are")
+            if not self.last_image_error.endswith("records still are"):  # once, not once per field
+                log.warning(msg)
+            self.last_image_error = msg
             return None
         self._prune(len(jpeg))
         if self._image_bytes + len(jpeg) > self.image_budget_bytes:
@@ -304,10 +314,14 @@ class ResultStore:
                 tmp.unlink()
             except OSError:
                 pass
-            self.last_image_error = (f"{final}: cannot write the frame image ({exc.strerror}); records are still "
-                                     "saved; free disk space or check the SD card")
-            log.warning(self.last_image_error)
+            msg = (f"{final}: cannot write the frame image ({exc.strerror}); records are still "
+                   "saved; free disk space or check the SD card")
+            if not self.last_image_error.endswith("check the SD card"):  # once, not once per field
+                log.warning(msg)
+            self.last_image_error = msg
             return None
+        if self.last_image_error:
+            log.info("frame images are saved again")
         self.last_image_error = ""
         self._image_bytes += len(jpeg)
         self._image_count += 1

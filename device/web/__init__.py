@@ -26,11 +26,13 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from device.errors import StoreError
-from device.web.server import WebServer
+from device.web.server import CpuGovernor, WebServer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 << 20
+#: Largest in-memory (non-file) form field, and Werkzeug's multipart parse buffer; > its 64 KiB read size.
+FORM_MEMORY_BYTES = 256 << 10
 #: Request threads; event streams may hold at most half of them.
 DEFAULT_THREADS = 4
 
@@ -99,7 +101,10 @@ def create_app(service: Any, *, max_upload_bytes: int | None = None, stream_slot
     limit = max_upload_bytes or _service_max_upload(service) or DEFAULT_MAX_UPLOAD_BYTES
     app.config.update(
         MAX_CONTENT_LENGTH=int(limit),
-        MAX_FORM_MEMORY_SIZE=64 * 1024,
+        # Werkzeug also applies this to its parse buffer (one 64 KiB read plus any partial boundary left
+        # from the last): at 64 KiB exactly, a file upload over 64 KiB was refused as 413 whenever a CR or
+        # LF byte fell near the end of a read, i.e. at random for real camera JPEGs.
+        MAX_FORM_MEMORY_SIZE=FORM_MEMORY_BYTES,
         MAX_FORM_PARTS=16,
         JSON_SORT_KEYS=False,
         SEND_FILE_MAX_AGE_DEFAULT=300,
@@ -190,7 +195,7 @@ def serve(service: Any, host: str = "127.0.0.1", port: int = 8080, *, threads: i
     if host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("status page open to the network on %s:%s; POST endpoints still need the token", host, port)
     return WebServer(app, host, port, threads=threads, connection_limit=100, max_request_body_size=body_limit,
-                     stop_event=state["stop"])
+                     stop_event=state["stop"], governor=CpuGovernor(stop=state["stop"]))
 
 
-__all__ = ["create_app", "serve", "WebServer"]
+__all__ = ["create_app", "serve", "WebServer", "CpuGovernor"]

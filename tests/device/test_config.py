@@ -65,6 +65,13 @@ def test_config_is_frozen() -> None:
     ("[camera]\nsource = \"files\"", ["camera.files"]),
     ("[camera]\nretry_min_s = 5.0\nretry_max_s = 1.0", ["camera.retry_max_s = 1.0", "retry_min_s"]),
     ("camera = 3", ["'camera' must be a table"]),
+    ("[web]\nallowed_hosts = \"box.lan\"", ["web.allowed_hosts = 'box.lan'", "a list of host names"]),
+    ("[web]\nallowed_hosts = [\"http://box.lan\"]", ["web.allowed_hosts", "no scheme, port or wildcard"]),
+    ("[web]\nallowed_hosts = [\"box.lan:8080\"]", ["web.allowed_hosts", "no scheme, port or wildcard"]),
+    ("[web]\nallowed_hosts = [\"*.lan\"]", ["web.allowed_hosts", "a list of host names"]),
+    ("[web]\nallowed_hosts = [\"\"]", ["web.allowed_hosts", "a list of host names"]),
+    ("[web]\nallowed_hosts = [\"two words\"]", ["web.allowed_hosts", "a list of host names"]),
+    ("[web]\nallowed_hosts = [8080]", ["web.allowed_hosts = [8080]", "a list of host names"]),
 ])
 def test_bad_config_names_key_value_and_allowed(text: str, expected: list[str]) -> None:
     with pytest.raises(ConfigError) as err:
@@ -119,3 +126,21 @@ def test_raspberry_pi_detection(tmp_path: Path) -> None:
     model.write_bytes(b"QEMU Virtual Machine\x00")
     assert not c.is_raspberry_pi(model)
     assert not c.is_raspberry_pi(tmp_path / "absent")
+
+
+def test_allowed_hosts_default_empty_lowercased_and_used_by_the_page(tmp_path: Path) -> None:
+    assert c.Config().web.allowed_hosts == ()
+    cfg = parse('[web]\nallowed_hosts = ["LeukoScreen.Clinic.lan.", "box-2"]')
+    assert cfg.web.allowed_hosts == ("leukoscreen.clinic.lan", "box-2")
+    assert c.parse(tomllib.loads(c.to_toml(cfg))) == cfg
+
+    from types import SimpleNamespace
+
+    from device.web import create_app
+
+    app = create_app(SimpleNamespace(config=cfg, token="t"))
+    client = app.test_client()
+    # the Host check runs before routing: a refused name is 400, an allowed one reaches the router (404 here)
+    assert client.get("/nothing", headers={"Host": "leukoscreen.clinic.lan:8080"}).status_code == 404
+    assert client.get("/nothing", headers={"Host": "box-2"}).status_code == 404
+    assert client.get("/nothing", headers={"Host": "other.clinic.lan"}).status_code == 400
