@@ -167,16 +167,16 @@ def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> bo
 # -- analysis (pure) -------------------------------------------------------------------------------------------------
 
 
-def field_stages(recs: list[Rec]) -> dict:
-    """Per-field periods and stage times from consecutive records (needs >= 3 records).
+def field_stages(*blocks: list[Rec]) -> dict:
+    """Per-field periods and stage times from consecutive records of each block (runs of one Service).
 
     Period k runs from the capture of field k to the capture of field k+1: it
     holds field k's quality gate, classification, record, LEDs and publishing,
     and field k+1's capture.
     """
     periods, stages = [], {s: [] for s in STAGES}
-    for k in range(len(recs) - 1):
-        a, b = recs[k], recs[k + 1]
+    pairs = [(recs[k], recs[k + 1]) for recs in blocks for k in range(len(recs) - 1)]
+    for a, b in pairs:
         period = (b.frame_t - a.frame_t) * 1000
         if period <= 0:
             continue
@@ -210,9 +210,17 @@ def bare_invoke(model: Any, rgb: np.ndarray, seconds: float, min_runs: int = 10)
 
 
 def run_loop(bundle: Bundle, classifier: Classifier, threads: int, *, source: str, fields: int, warm: int,
-             bare_s: float, timeout: float) -> dict:
-    """One Service run: bare invoke, ``warm`` + ``fields`` fields through the loop, bare invoke again."""
+             bare_s: float, timeout: float, blocks: int = 5) -> dict:
+    """Bare invoke and the loop, interleaved: bare, loop block, bare, ..., loop block, bare.
+
+    Each loop block is a fresh Service on the same state folder running
+    ``warm`` untimed fields and then ``fields / blocks`` timed ones; the bare
+    segments share ``bare_s``. Interleaving spreads drift on a shared machine
+    over both figures of the ratio alike.
+    """
     rgb = np.asarray(load_image(list_images(SAMPLES)[0]).resize((bundle.input.size,) * 2), dtype=np.uint8)
+    per_block = -(-fields // blocks)
+    deadline = time.monotonic() + timeout
     with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
         state = Path(tmp) / "state"
         cfg = bench_config(bundle.root, threads, state)
@@ -222,28 +230,33 @@ def run_loop(bundle: Bundle, classifier: Classifier, threads: int, *, source: st
             frames = camera_frames()
             factory = lambda: MemoryCamera(frames)  # noqa: E731
             label = f"camera-size frames ({CAMERA_SIZE[0]}x{CAMERA_SIZE[1]}, in memory)"
-        before = bare_invoke(classifier.model, rgb, bare_s / 2)
-        svc, store, leds = make_service(cfg, bundle, classifier, state, factory, source)
-        svc.start()
-        try:
-            ok = wait_for(lambda: len(store.recs) >= warm + fields + 1, timeout)
-        finally:
-            svc.stop()
-            leds.close()
-            store.close()
-        after = bare_invoke(classifier.model, rgb, bare_s / 2)
-        recs = store.snapshot()
-        if not ok:
-            return {"label": label, "error": f"only {len(recs)} of {warm + fields + 1} fields within {timeout:.0f} s"}
-        timed = recs[warm:warm + fields + 1]
-        fs = field_stages(timed)
+        bare_ms = bare_invoke(classifier.model, rgb, bare_s / (blocks + 1))
+        timed: list[list[Rec]] = []
+        for _ in range(blocks):
+            svc, store, leds = make_service(cfg, bundle, classifier, state, factory, source)
+            svc.start()
+            try:
+                ok = wait_for(lambda store=store: len(store.recs) >= warm + per_block + 1,
+                              max(1.0, deadline - time.monotonic()))
+            finally:
+                svc.stop()
+                leds.close()
+                store.close()
+            recs = store.snapshot()
+            if not ok:
+                return {"label": label, "error": f"a loop block recorded only {len(recs)} of {warm + per_block + 1} "
+                        f"fields within the {timeout:.0f} s time-out"}
+            timed.append(recs[warm:warm + per_block + 1])
+            bare_ms += bare_invoke(classifier.model, rgb, bare_s / (blocks + 1))
+        fs = field_stages(*timed)
         period = summary(fs["periods"])
-        bare = summary(before + after)
+        bare = summary(bare_ms)
         statuses: dict[str, int] = {}
-        for r in timed[:-1]:
-            statuses[r.status] = statuses.get(r.status, 0) + 1
+        for block in timed:
+            for r in block[:-1]:
+                statuses[r.status] = statuses.get(r.status, 0) + 1
         return {
-            "label": label, "fields": len(fs["periods"]), "warm_fields": warm,
+            "label": label, "fields": len(fs["periods"]), "warm_fields": warm, "blocks": blocks,
             "period_median_ms": period["median"], "period_mean_ms": period["mean"], "period_p95_ms": period["p95"],
             "bare_invoke_median_ms": bare["median"], "bare_invoke_p95_ms": bare["p95"], "bare_runs": bare["n"],
             "ratio": round(period["median"] / bare["median"], 4) if bare["median"] else None,
@@ -287,8 +300,8 @@ def micro(classifier: Classifier, frames: list[np.ndarray], label: str, seconds:
 
 
 def run_page_load(bundle: Bundle, classifier: Classifier, threads: int, *, clients: int, interval_s: float,
-                  phase_s: float, paths: tuple[str, ...], warm: int, timeout: float) -> dict:
-    """Replay loop with the real web page on 127.0.0.1; phases idle / load / idle / load of ``phase_s`` each."""
+                  phase_s: float, paths: tuple[str, ...], warm: int, timeout: float, pairs: int = 3) -> dict:
+    """Replay loop with the real web page on 127.0.0.1; ``pairs`` x (idle, load) phases of ``phase_s`` each."""
     from device import web
 
     with tempfile.TemporaryDirectory(prefix="bench-page-") as tmp:
@@ -304,7 +317,7 @@ def run_page_load(bundle: Bundle, classifier: Classifier, threads: int, *, clien
             if not wait_for(lambda: len(store.recs) >= warm, timeout):
                 return {"error": f"the loop recorded only {len(store.recs)} fields in {timeout:.0f} s"}
             url = f"http://127.0.0.1:{server.port}"
-            for name in ("idle", "load", "idle", "load"):
+            for name in ("idle", "load") * pairs:
                 if name == "idle":
                     t0 = time.time()
                     time.sleep(phase_s)

@@ -106,3 +106,12 @@ def test_stage_shares_account_for_every_millisecond_of_a_field() -> None:
 def test_page_load_clients_refuse_anything_but_loopback() -> None:
     assert clients.main(["--url", "http://192.0.2.1:8080", "--seconds", "1"]) == 2
     assert clients.main(["--url", "http://example.org/", "--seconds", "1"]) == 2
+
+
+def test_periods_never_span_two_loop_blocks() -> None:
+    from bench.loop import Rec, field_stages
+
+    t = {"invoke": 10.0}
+    a = [Rec(frame_t=i * 0.020, status="ok", timings=t, record_ms=0.0, leds_total_ms=0.0) for i in range(3)]
+    b = [Rec(frame_t=100 + i * 0.030, status="ok", timings=t, record_ms=0.0, leds_total_ms=0.0) for i in range(3)]
+    assert field_stages(a, b)["periods"] == pytest.approx([20.0, 20.0, 30.0, 30.0])
