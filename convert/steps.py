@@ -139,7 +139,37 @@ def train(o: Options, cfg) -> None:
                     "seconds": time.time() - t0}, pp["weights"])
         return {"epochs": cfg.epochs}
 
-    run_step(o, "train", [pp["split"]], [pp["weights"]], {f.name: getattr(cfg, f.name) for f in fields(cfg)}, go)
+    params = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    if not o.force and not pp["weights"].exists() and reuse_committed_weights(o, params):
+        stamp(o, "train", [pp["split"]], params, 0.0, reused=True)
+        return
+    run_step(o, "train", [pp["split"]], [pp["weights"]], params, go)
+
+
+def reuse_committed_weights(o: Options, params: dict) -> bool:
+    """Take ``models/source/darknet19-fp16.pt`` instead of retraining (90 minutes on a CPU).
+
+    Only when it was trained with the same configuration on the same split
+    (the manifest's split hash); ``--force`` retrains regardless.
+    """
+    import shutil
+
+    import torch
+
+    from convert.bundle import WEIGHTS_FILE
+
+    src, manifest = Path(o.models) / WEIGHTS_FILE, Path(o.models) / "manifest.json"
+    if not src.exists() or not manifest.exists():
+        return False
+    _, parts, _ = data.read_split(paths(o)["split"])
+    same_split = json.loads(manifest.read_text()).get("split", {}).get("hash") == data.split_hash(parts)
+    same_cfg = torch.load(src, map_location="cpu", weights_only=False).get("config") == params
+    if not (same_split and same_cfg):
+        log.info("committed weights %s not reused (same split: %s, same config: %s)", src, same_split, same_cfg)
+        return False
+    shutil.copyfile(src, paths(o)["weights"])
+    print(f"train: reusing the committed weights {src} (same split and config); pass --force to retrain")
+    return True
 
 
 def trained_size(o: Options) -> int:

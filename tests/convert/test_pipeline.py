@@ -78,3 +78,23 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
     rc = cli.main(["split", "--data", str(tmp_path / "absent"), "--work", str(tmp_path / "w")])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_committed_weights_are_reused_instead_of_retraining(built, smear_dir, capsys):
+    tmp, argv = built
+    work = tmp / "fresh-work"
+    base = ["--data", str(smear_dir), "--work", str(work), "--models", str(tmp / "models"), *ARGS]
+    assert cli.main(["split", *base]) == 0
+    assert cli.main(["train", *base]) == 0
+    assert "reusing the committed weights" in capsys.readouterr().out
+    assert not (work / "train").exists()  # no epoch was run
+    from convert.steps import Options, reuse_committed_weights
+
+    o = Options(data=smear_dir, work=work, models=tmp / "models")
+    cfg = json.loads((work / "stamps" / "train.json").read_text())
+    assert cfg.get("reused") is True
+    import torch
+
+    params = torch.load(tmp / "models" / "source" / "darknet19-fp16.pt", weights_only=False)["config"]
+    assert not reuse_committed_weights(o, {**params, "low_epochs": params["low_epochs"] + 1})
