@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 from device.cli import main, sample_label
+from tests.device.proc import DeviceProc
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "device" / "samples"
@@ -123,35 +121,8 @@ def test_usage_errors_exit_2() -> None:
 # -- the real process -----------------------------------------------------------------------------------------
 
 
-class Proc:
-    """``python -m device run`` with its log lines collected as they come."""
-
-    def __init__(self, cfg: Path, notify: Path):
-        env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "WATCHDOG_USEC", "WATCHDOG_PID")}
-        env["NOTIFY_SOCKET"] = str(notify)
-        self.p = subprocess.Popen([sys.executable, "-m", "device", "run", "--config", str(cfg)], cwd=ROOT, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._t = threading.Thread(target=self._read, daemon=True)
-        self._t.start()
-
-    def _read(self) -> None:
-        assert self.p.stderr is not None
-        for line in self.p.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def shown_ids(self) -> list[int]:
-        pattern = re.compile(r"device\.service: field (\d+) ")
-        return [int(m.group(1)) for line in list(self.lines) if (m := pattern.search(line))]
-
-    def finish(self, timeout: float = 30) -> int:
-        code = self.p.wait(timeout)
-        self._t.join(5)
-        return code
-
-
 def test_sigterm_stops_cleanly_after_ready(tmp_path, short_tmp, notify_socket, wait, tiny_bundle) -> None:
-    proc = Proc(write_config(tmp_path), notify_socket.path)
+    proc = DeviceProc(write_config(tmp_path), notify_socket.path)
     try:
         assert notify_socket.wait_for("READY=1", 60), "\n".join(proc.lines)
         assert wait(lambda: len(proc.shown_ids()) >= 2, 60)
@@ -168,7 +139,7 @@ def test_sigterm_stops_cleanly_after_ready(tmp_path, short_tmp, notify_socket, w
 
 
 def test_sigkill_mid_run_loses_no_shown_result(tmp_path, notify_socket, wait, tiny_bundle) -> None:
-    proc = Proc(write_config(tmp_path), notify_socket.path)
+    proc = DeviceProc(write_config(tmp_path), notify_socket.path)
     try:
         assert notify_socket.wait_for("READY=1", 60), "\n".join(proc.lines)
         assert wait(lambda: len(proc.shown_ids()) >= 8, 60), "\n".join(proc.lines[-20:])
