@@ -21,7 +21,7 @@ from convert import data
 from convert.evaluate import binary, held_out, lsb_robustness, per_class, table2
 from convert.steps import Options, _load, paths, step_seconds
 from device.bundle import MANIFEST, SCHEMA, Thresholds, load_bundle, sha256_file
-from device.head import load_head
+from device.head import evaluate_many, load_head
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,12 @@ def evaluate_all(o: Options) -> dict:
 
 
 def _probes(head, z) -> list[dict]:
-    from convert.evaluate import head_outputs
     from convert.steps import PROBES
 
     if "probe" not in z.files:
         return []
     return [{"probe": name, "distance": o.distance, "referred": bool(o.distance > head.ood_threshold)}
-            for name, o in zip(PROBES, head_outputs(head, z["probe"]))]
+            for name, o in zip(PROBES, evaluate_many(head, z["probe"]))]
 
 
 def _confusion(y, pred, n):

@@ -16,17 +16,9 @@ from sklearn.preprocessing import StandardScaler
 from convert.fit import svm
 from device.bundle import Thresholds
 from device.classifier import decide
-from device.head import Head, HeadOutput, calibrate, distance, standardise
+from device.head import Head, evaluate_many
 
 log = logging.getLogger(__name__)
-
-
-def head_outputs(head: Head, feats: np.ndarray) -> list[HeadOutput]:
-    z = standardise(head, feats.astype(np.float64))
-    scores = z @ head.coef.T + head.intercept
-    probs = calibrate(head, scores)
-    d = distance(head, z)
-    return [HeadOutput(s, p, int(np.argmax(p)), float(p.max()), float(di)) for s, p, di in zip(scores, probs, d)]
 
 
 def per_class(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> list[dict]:
@@ -76,7 +68,7 @@ def table2(x: np.ndarray, y: np.ndarray, ranking: np.ndarray, k: int, C: float, 
 
 
 def held_out(head: Head, feats: np.ndarray, y: np.ndarray, benign: int, th: Thresholds) -> dict:
-    outs = head_outputs(head, feats)
+    outs = evaluate_many(head, feats)
     pred = np.array([o.index for o in outs])
     verdicts = [decide(head, o, head.classes[benign], th) for o in outs]
     status = np.array([v.status for v in verdicts])
@@ -99,7 +91,7 @@ def held_out(head: Head, feats: np.ndarray, y: np.ndarray, benign: int, th: Thre
 def lsb_robustness(head: Head, feats: np.ndarray, out_scale: float, lsb: int, seed: int = 0) -> dict:
     """Decision flips when every int8 feature moves by up to +-``lsb`` steps (ARM vs x86 rounding)."""
     rng = np.random.default_rng(seed)
-    base = np.array([o.index for o in head_outputs(head, feats)])
+    base = np.array([o.index for o in evaluate_many(head, feats)])
     noisy = feats + rng.integers(-lsb, lsb + 1, feats.shape) * out_scale
-    moved = np.array([o.index for o in head_outputs(head, noisy)])
+    moved = np.array([o.index for o in evaluate_many(head, noisy)])
     return {"lsb": lsb, "flips": int((base != moved).sum()), "n": len(base)}

@@ -58,11 +58,23 @@ def evaluate(head: Head, features: np.ndarray) -> HeadOutput:
     """Score one dequantized feature vector (F,)."""
     if features.shape != (head.n_features,):
         raise ValueError(f"feature vector has shape {features.shape}; the head expects ({head.n_features},)")
+    return evaluate_many(head, features[None])[0]
+
+
+def evaluate_many(head: Head, features: np.ndarray) -> list[HeadOutput]:
+    """Score (N, F) feature vectors: the one implementation of the head's arithmetic.
+
+    The device scores one field at a time through :func:`evaluate`; ``convert/``
+    scores whole test sets here, so both run exactly the same code.
+    """
+    if features.ndim != 2 or features.shape[1] != head.n_features:
+        raise ValueError(f"features have shape {features.shape}; the head expects (N, {head.n_features})")
     z = standardise(head, features.astype(np.float64))
-    scores = head.coef @ z + head.intercept
+    scores = z @ head.coef.T + head.intercept
     probs = calibrate(head, scores)
-    idx = int(np.argmax(probs))
-    return HeadOutput(scores, probs, idx, float(probs[idx]), float(distance(head, z)))
+    idx = probs.argmax(axis=1)
+    d = distance(head, z)
+    return [HeadOutput(s, p, int(i), float(p[i]), float(di)) for s, p, i, di in zip(scores, probs, idx, d)]
 
 
 def calibrate(head: Head, scores: np.ndarray) -> np.ndarray:

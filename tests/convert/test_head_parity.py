@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from convert.evaluate import head_outputs
 from convert.fit import fit_head
-from device.head import evaluate, load_head, save_head
+from device.head import evaluate, evaluate_many, load_head, save_head
 
 CLASSES = ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
 
@@ -29,7 +28,7 @@ def test_numpy_head_matches_sklearn_decisions_and_probabilities(fitted):
     outs = [evaluate(head, row) for row in xt]
     np.testing.assert_array_equal([o.index for o in outs], ref_pred)
     np.testing.assert_allclose(np.stack([o.probs for o in outs]), ref_p, atol=1e-9)
-    batch = head_outputs(head, xt)
+    batch = evaluate_many(head, xt)
     assert [o.index for o in batch] == [o.index for o in outs]
 
 
