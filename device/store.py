@@ -198,6 +198,7 @@ class ResultStore:
         self.jpeg_quality = int(jpeg_quality)
         self.save_images = bool(save_images) and self.image_budget_bytes > 0
         self.last_image_error = ""
+        self._image_error_kind = ""
         self._lock = threading.RLock()
         try:
             self.images_dir.mkdir(parents=True, exist_ok=True)
@@ -275,6 +276,13 @@ class ResultStore:
                         pass
             return total, count
 
+    def _image_failed(self, kind: str, msg: str) -> None:
+        """Note why a frame image was not saved; warn once per kind of failure, not once per field."""
+        if kind != self._image_error_kind:
+            log.warning(msg)
+        self._image_error_kind = kind
+        self.last_image_error = msg
+
     def _write_image(self, jpeg: bytes, t: float) -> str | None:
         """Write one JPEG durably; returns its path relative to the state dir, or None if not kept."""
         if not self.save_images:
@@ -284,11 +292,8 @@ class ResultStore:
         except OSError:
             free = 0
         if free - len(jpeg) < self.reserve_bytes:
-            msg = (f"{self.state_dir}: only {free >> 20} MB free (reserve {self.reserve_bytes >> 20}"
-                   " MB); frame images are no longer saved, records still are")
-            if not self.last_image_error.endswith("records still are"):  # once, not once per field
-                log.warning(msg)
-            self.last_image_error = msg
+            self._image_failed("low-disk", f"{self.state_dir}: only {free >> 20} MB free (reserve "
+                               f"{self.reserve_bytes >> 20} MB); frame images are no longer saved, records still are")
             return None
         self._prune(len(jpeg))
         if self._image_bytes + len(jpeg) > self.image_budget_bytes:
@@ -314,15 +319,12 @@ class ResultStore:
                 tmp.unlink()
             except OSError:
                 pass
-            msg = (f"{final}: cannot write the frame image ({exc.strerror}); records are still "
-                   "saved; free disk space or check the SD card")
-            if not self.last_image_error.endswith("check the SD card"):  # once, not once per field
-                log.warning(msg)
-            self.last_image_error = msg
+            self._image_failed("write", f"{final}: cannot write the frame image ({exc.strerror}); records are "
+                               "still saved; free disk space or check the SD card")
             return None
         if self.last_image_error:
             log.info("frame images are saved again")
-        self.last_image_error = ""
+        self.last_image_error = self._image_error_kind = ""
         self._image_bytes += len(jpeg)
         self._image_count += 1
         return final.relative_to(self.state_dir).as_posix()
