@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,11 @@ def to_int8_tflite(onnx_path: Path, calib_rgb: np.ndarray, out_dir: Path, *, edg
     ``calib_rgb`` is (N,S,S,3) uint8 produced by ``device.preprocess`` (the
     same code the Pi runs). onnx2tf feeds ``(x - mean) / std`` to the
     calibrator; mean 0 and std 1 keep the pixels as they are.
+
+    ``edgetpu_friendly`` rewrites LeakyReLU as ``max(x, 0.1x)`` out of
+    MUL/MINIMUM/RELU/ADD (the Edge TPU has no LEAKY_RELU kernel). On a CPU that
+    rewrite costs ~4x the whole invoke (see ``bench/ops.py``), so the CPU
+    graph keeps the native LEAKY_RELU: use :func:`to_int8_graphs` for both.
     """
     import onnx2tf
     from PIL import Image
@@ -75,6 +81,43 @@ def to_int8_tflite(onnx_path: Path, calib_rgb: np.ndarray, out_dir: Path, *, edg
     if not found:
         raise RuntimeError(f"onnx2tf wrote no *_full_integer_quant.tflite into {out_dir / 'tf'}")
     return found[0]
+
+
+@dataclass(frozen=True)
+class Int8Graphs:
+    """The two int8 graphs of one bundle, calibrated on the same images.
+
+    ``cpu``: native LEAKY_RELU, what XNNPACK runs on every Pi. ``edgetpu_friendly``:
+    LeakyReLU rewritten for the Edge TPU compiler, used only with the Edge TPU
+    delegate (compile *this* one with :func:`compile_edgetpu`).
+    """
+
+    cpu: Path
+    edgetpu_friendly: Path | None
+    cpu_op_types: dict[str, int]
+    edgetpu_friendly_op_types: dict[str, int] | None
+
+
+def to_int8_graphs(onnx_path: Path, calib_rgb: np.ndarray, work_dir: Path, *, cpu_dest: Path,
+                   edgetpu_friendly_dest: Path | None = None) -> Int8Graphs:
+    """Convert twice from one calibration set; copy the graphs to their destinations.
+
+    onnx2tf applies the LeakyReLU rewrite while building the TF graph, so one
+    run cannot emit both; two runs on the same ``calib_rgb`` give the same
+    activation ranges up to the rewrite itself. ``edgetpu_friendly_dest=None``
+    skips the second conversion.
+    """
+    work_dir = Path(work_dir)
+    cpu = to_int8_tflite(onnx_path, calib_rgb, work_dir / "cpu", edgetpu_friendly=False)
+    Path(cpu_dest).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cpu, cpu_dest)
+    etpu = None
+    if edgetpu_friendly_dest is not None:
+        out = to_int8_tflite(onnx_path, calib_rgb, work_dir / "edgetpu", edgetpu_friendly=True)
+        Path(edgetpu_friendly_dest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out, edgetpu_friendly_dest)
+        etpu = Path(edgetpu_friendly_dest)
+    return Int8Graphs(Path(cpu_dest), etpu, op_types(cpu_dest), op_types(etpu) if etpu is not None else None)
 
 
 def op_types(model_path: Path) -> dict[str, int]:

@@ -73,8 +73,21 @@ class Timed:
     head_ms: float
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A frame made model input (``Classifier.prepare``): needs no interpreter, so it can run beside an invoke."""
+
+    x: np.ndarray  # quantized (1, S, S, 3) model input
+    preprocess_ms: float
+
+
 class Classifier:
-    """A bundle and its loaded model; ``classify`` takes any HxWx3 uint8 RGB frame."""
+    """A bundle and its loaded model; ``classify`` takes any HxWx3 uint8 RGB frame.
+
+    ``classify`` = ``infer(prepare(frame))``: the screening loop prepares the
+    next frame on another thread while this one's ``infer`` holds the
+    interpreter (which is not thread-safe; only ``infer`` touches it).
+    """
 
     def __init__(self, bundle: Bundle, model: TFLiteModel):
         check_model_matches(bundle, model.input_spec, model.output_spec.size, model.path)
@@ -91,13 +104,21 @@ class Classifier:
     def features(self, rgb: np.ndarray) -> np.ndarray:
         return model_features(self.model, rgb)
 
-    def classify(self, frame: np.ndarray) -> Timed:
+    def prepare(self, frame: np.ndarray) -> Prepared:
+        """Crop/resize and quantize: pure, thread-safe."""
         t0 = time.perf_counter()
-        rgb = frame_to_rgb(frame, self.model.input_spec.size)
+        x = quantize_input(frame_to_rgb(frame, self.model.input_spec.size), self.model.input_spec)
+        return Prepared(x, (time.perf_counter() - t0) * 1000)
+
+    def infer(self, prepared: Prepared) -> Timed:
+        """Invoke, dequantize, head and decision rule (the same arithmetic as :func:`model_features`)."""
         t1 = time.perf_counter()
-        feats = model_features(self.model, rgb)
+        feats = self.model.dequantize(self.model.invoke(prepared.x))
         t2 = time.perf_counter()
         out = evaluate(self.bundle.head, feats)
         verdict = decide(self.bundle.head, out, self.bundle.benign, self.bundle.thresholds)
         t3 = time.perf_counter()
-        return Timed(verdict, (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)
+        return Timed(verdict, prepared.preprocess_ms, (t2 - t1) * 1000, (t3 - t2) * 1000)
+
+    def classify(self, frame: np.ndarray) -> Timed:
+        return self.infer(self.prepare(frame))

@@ -28,11 +28,22 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".
 
 @dataclass(frozen=True, eq=False)
 class Frame:
-    """One captured frame: HxWx3 uint8 RGB, a name for the record, and the capture time (epoch s)."""
+    """One captured frame: HxWx3 uint8 RGB, a name for the record, and the capture time (epoch s).
+
+    ``small`` is the same view at about the model's size when the camera
+    delivers one for free (picamera2's low-resolution stream, scaled by the
+    ISP): the loop then gates and classifies it, and stores ``array``.
+    """
 
     array: np.ndarray
     name: str
     t: float = field(default_factory=time.time)
+    small: np.ndarray | None = None
+
+    @property
+    def analysis(self) -> np.ndarray:
+        """What the quality gate and the classifier look at: ``small`` if there is one, else ``array``."""
+        return self.small if self.small is not None else self.array
 
 
 class SourceExhausted(Exception):
