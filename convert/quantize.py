@@ -18,8 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.export import INPUT_NAME
-
 log = logging.getLogger(__name__)
 
 # onnx2tf checks its output against this sample file and downloads it when it
@@ -51,6 +49,8 @@ def to_int8_tflite(onnx_path: Path, calib_rgb: np.ndarray, out_dir: Path, *, edg
     """
     import onnx2tf
     from PIL import Image
+
+    from convert.export import INPUT_NAME
 
     out_dir = Path(out_dir).resolve()
     onnx_path = Path(onnx_path).resolve()
@@ -118,6 +118,42 @@ def to_int8_graphs(onnx_path: Path, calib_rgb: np.ndarray, work_dir: Path, *, cp
         shutil.copyfile(out, edgetpu_friendly_dest)
         etpu = Path(edgetpu_friendly_dest)
     return Int8Graphs(Path(cpu_dest), etpu, op_types(cpu_dest), op_types(etpu) if etpu is not None else None)
+
+
+def decisions_agreement(head, benign: str, thresholds, feats_a: np.ndarray, feats_b: np.ndarray) -> dict:
+    """Two graphs' features of the same images (rows): worst cosine, and how often the decisions agree.
+
+    A decision is the device's (status, label, ALL flag) from ``device.classifier.decide``: what the
+    technician would be told.
+    """
+    from device.classifier import decide
+    from device.head import evaluate_many
+
+    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+    def decisions(f: np.ndarray) -> list[tuple]:
+        return [(v.status, v.label, v.all) for v in
+                (decide(head, o, benign, thresholds) for o in evaluate_many(head, f))]
+
+    da, db = decisions(a), decisions(b)
+    same = sum(x == y for x, y in zip(da, db))
+    return {"images": len(a), "worst_feature_cosine": round(float(cos.min()), 5),
+            "median_feature_cosine": round(float(np.median(cos)), 5), "decisions_agree": int(same),
+            "decision_agreement": round(same / len(a), 5) if len(a) else None}
+
+
+def graph_agreement(cpu_path: Path, friendly_path: Path, rgb: np.ndarray, head, benign: str, thresholds,
+                    threads: int = 2) -> dict:
+    """Both int8 graphs through the device's own feature code on ``rgb`` (N,S,S,3), compared (for REPORT.md)."""
+    from device.classifier import model_features
+    from device.inference import TFLiteModel
+
+    feats = []
+    for path in (cpu_path, friendly_path):
+        model = TFLiteModel(path, num_threads=threads, use_edgetpu=False)
+        feats.append(np.stack([model_features(model, im) for im in rgb]))
+    return decisions_agreement(head, benign, thresholds, *feats)
 
 
 def op_types(model_path: Path) -> dict[str, int]:
