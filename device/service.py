@@ -8,8 +8,12 @@ thread commits the previous result and only then shows it (LEDs, page).
 Only the screening thread touches the interpreter (it is not thread-safe);
 only one thread at a time touches the camera (the frames thread reads the
 next frame only when asked, after the last one was handed over). Results are
-committed and shown in the order they were captured. The web page's uploads,
-the button and slide commands are queued to the screening thread. The loop survives its hardware: a camera that raises,
+committed and shown in the order they were captured; the recorder may lag
+the model by ``MAX_UNCOMMITTED`` results before the model waits for it. The
+web page's uploads, the button and slide commands are queued to the
+screening thread.
+
+The loop survives its hardware: a camera that raises,
 hangs (every read has a timeout) or sends garbage becomes a *fault* (LED
 fault pattern, on the page, in ``systemctl status``) and is reopened with
 exponential back-off until it works again; a store that cannot write is a
