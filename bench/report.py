@@ -62,7 +62,7 @@ TARGETS: tuple[Target, ...] = (
     Target("page_load_ratio", "Loop time per field under page load / idle", 1.10, "x",
            lambda r: _dig(r, "page_load", "ratio"), section="page_load"),
     Target("int8_float_agreement", "int8 vs float decisions agree (held-out images; the bundle's manifest)", 0.995,
-           "", lambda r: _dig(r, "meta", "bundle", "metrics", "int8_float_agreement"), at_least=True,
+           "%", lambda r: _dig(r, "meta", "bundle", "metrics", "int8_float_agreement"), at_least=True,
            section="meta"),
 )
 
@@ -128,11 +128,13 @@ def render_markdown(results: dict) -> str:
         out.append("- **QUICK RUN** (`--quick`): fewer repetitions and fields; figures are indicative only")
     out += ["", "## Targets", "", "| Target | Measured | Limit | Result |", "|---|---:|---:|---|"]
     for row in results.get("targets") or evaluate_targets(results):
-        measured = "-" if row["measured"] is None else f"{row['measured']:.{4 if row.get('at_least') else 3}g} " \
-            f"{row['unit']}"
+        measured = "-" if row["measured"] is None else f"{row['measured']:.3g} {row['unit']}"
         result = row["result"] if row["result"] != NOT_MEASURED else f"{NOT_MEASURED}: {row.get('note', '')}"
-        out.append(f"| {_cell(row['what'])} | {measured} | {'>=' if row.get('at_least') else '<='} "
-                   f"{row['limit']:g} {row['unit']} | "
+        limit = f"{'>=' if row.get('at_least') else '<='} {row['limit']:g} {row['unit']}"
+        if row["unit"] == "%":
+            measured = "-" if row["measured"] is None else f"{row['measured'] * 100:.2f}%"
+            limit = f"{'>=' if row.get('at_least') else '<='} {row['limit'] * 100:g}%"
+        out.append(f"| {_cell(row['what'])} | {measured} | {limit} | "
                    f"{'**MISSED**' if row['result'] == MISSED else _cell(result)} |")
 
     bare = results.get("bare") or {}
