@@ -39,8 +39,7 @@ def to_int8_tflite(onnx_path: Path, calib_rgb: np.ndarray, out_dir: Path, *, edg
     """Convert and return the path of the full-integer model.
 
     ``calib_rgb`` is (N,S,S,3) uint8 produced by ``device.preprocess`` (the
-    same code the Pi runs). onnx2tf feeds ``(x - mean) / std`` to the
-    calibrator; mean 0 and std 1 keep the pixels as they are.
+    same code the Pi runs), fed to the calibrator as the pixels they are.
 
     ``edgetpu_friendly`` rewrites LeakyReLU as ``max(x, 0.1x)`` out of
     MUL/MINIMUM/RELU/ADD (the Edge TPU has no LEAKY_RELU kernel). On a CPU that
@@ -50,7 +49,6 @@ def to_int8_tflite(onnx_path: Path, calib_rgb: np.ndarray, out_dir: Path, *, edg
     import onnx2tf
     from PIL import Image
 
-    from convert.export import INPUT_NAME
 
     out_dir = Path(out_dir).resolve()
     onnx_path = Path(onnx_path).resolve()
@@ -58,29 +56,45 @@ def to_int8_tflite(onnx_path: Path, calib_rgb: np.ndarray, out_dir: Path, *, edg
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     calib = calib_rgb.astype(np.float32)
-    np.save(out_dir / "calibration.npy", calib)
     sample = np.stack([np.asarray(Image.fromarray(im).resize((128, 128), Image.Resampling.BILINEAR))
                        for im in calib_rgb[:20]]).astype(np.float32) / 255.0
     np.save(out_dir / ONNX2TF_SAMPLE, sample)
-    mean = np.zeros((1, 1, 1, 3), np.float32)
-    std = np.ones((1, 1, 1, 3), np.float32)
     with _cwd(out_dir):
+        # onnx2tf builds the TF graph (and its float32 TFLite); its own int8 path would calibrate four times
+        # (integer, full-integer, and both again with int16 activations), so the one graph we ship is
+        # calibrated here, once, with the converter settings onnx2tf uses for its full-integer model.
         onnx2tf.convert(
             input_onnx_file_path=str(onnx_path),
             output_folder_path=str(out_dir / "tf"),
-            output_integer_quantized_tflite=True,
-            quant_type="per-channel",
-            input_quant_dtype="int8",
-            output_quant_dtype="int8",
-            custom_input_op_name_np_data_path=[[INPUT_NAME, str(out_dir / "calibration.npy"), mean, std]],
+            output_signaturedefs=True,
             # Edge TPU has no LEAKY_RELU kernel: rewrite as max(x, 0.1x) with supported ops.
             replace_to_pseudo_operators=["leakyrelu"] if edgetpu_friendly else [],
             non_verbose=True,
         )
-    found = sorted((out_dir / "tf").glob("*_full_integer_quant.tflite"))
-    if not found:
-        raise RuntimeError(f"onnx2tf wrote no *_full_integer_quant.tflite into {out_dir / 'tf'}")
-    return found[0]
+    out = out_dir / "tf" / f"{onnx_path.stem}_full_integer_quant.tflite"
+    out.write_bytes(_full_integer(out_dir / "tf", calib))
+    return out
+
+
+def _full_integer(saved_model: Path, calib: np.ndarray) -> bytes:
+    """Per-channel int8 weights, int8 activations, int8 input and output, calibrated on ``calib`` (N,S,S,3)."""
+    import tensorflow as tf
+
+    sig = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+    (name,) = sig.structured_input_signature[1].keys()
+
+    def samples():
+        for i in range(len(calib)):
+            yield {name: tf.convert_to_tensor(calib[i:i + 1], tf.float32)}
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter._experimental_disable_per_channel = False  # noqa: SLF001 (per-channel weights, as onnx2tf's default)
+    converter.representative_dataset = samples
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    return converter.convert()
 
 
 @dataclass(frozen=True)
