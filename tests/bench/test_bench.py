@@ -136,3 +136,26 @@ def test_periods_never_span_two_loop_blocks() -> None:
     a = [Rec(frame_t=i * 0.020, status="ok", timings=t, record_ms=0.0, leds_total_ms=0.0) for i in range(3)]
     b = [Rec(frame_t=100 + i * 0.030, status="ok", timings=t, record_ms=0.0, leds_total_ms=0.0) for i in range(3)]
     assert field_stages(a, b)["periods"] == pytest.approx([20.0, 20.0, 30.0, 30.0])
+
+
+def test_every_op_of_a_graph_is_cut_out_into_a_model_that_runs_alone() -> None:
+    pytest.importorskip("ai_edge_litert")
+    from ai_edge_litert.interpreter import Interpreter
+
+    from bench import ops
+    from convert.quantize import op_types
+
+    path = TINY / "darknet19_int8.tflite"
+    cut = list(ops.single_op_models(path))
+    counts: dict[str, int] = {}
+    for _index, name, shape, content in cut:
+        counts[name] = counts.get(name, 0) + 1
+        interp = Interpreter(model_content=content)
+        interp.allocate_tensors()
+        interp.invoke()
+        (out,) = interp.get_output_details()
+        assert tuple(out["shape"]) == shape  # the op's own output, nothing else
+    assert [c[0] for c in cut] == list(range(len(cut)))
+    assert counts == op_types(path)  # every op of the graph, once
+    # the parameters are the constant buffers: the bulk of the file
+    assert 0.8 * path.stat().st_size < ops.param_bytes(path) < path.stat().st_size
