@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "darknet19_int8.tflite"
 EDGETPU_FILE = "darknet19_int8_edgetpu.tflite"
+EDGETPU_FRIENDLY_FILE = "darknet19_int8_edgetpu_friendly.tflite"  # uncompiled; input of edgetpu_compiler
 HEAD_FILE = "head.npz"
 WEIGHTS_FILE = "source/darknet19-fp16.pt"
 TOOLS = ("torch", "onnx", "onnxruntime", "onnx2tf", "tensorflow", "ai-edge-litert", "scikit-learn", "numpy", "pillow")
@@ -68,6 +69,11 @@ def write_bundle(o: Options) -> Path:
         shutil.copyfile(etpu, out / EDGETPU_FILE)
     else:
         (out / EDGETPU_FILE).unlink(missing_ok=True)
+    friendly = paths(o).get("edgetpu_friendly")  # the second graph of convert.quantize.to_int8_graphs, if made
+    if friendly is not None and friendly.exists():
+        shutil.copyfile(friendly, out / EDGETPU_FRIENDLY_FILE)
+    else:
+        (out / EDGETPU_FRIENDLY_FILE).unlink(missing_ok=True)
     from device.inference import TFLiteModel
 
     model = TFLiteModel(out / MODEL_FILE, num_threads=2)
@@ -78,6 +84,8 @@ def write_bundle(o: Options) -> Path:
     files = {"model": _entry(out, MODEL_FILE), "head": _entry(out, HEAD_FILE), "weights": _entry(out, WEIGHTS_FILE)}
     if etpu is not None:
         files["edgetpu_model"] = _entry(out, EDGETPU_FILE)
+    if (out / EDGETPU_FRIENDLY_FILE).exists():
+        files["model_edgetpu_friendly"] = _entry(out, EDGETPU_FRIENDLY_FILE)
     i, oo = model.input_spec, model.output_spec
     t, geo = metrics["test"], metrics["geometry"]
     manifest = {

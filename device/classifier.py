@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -101,6 +101,9 @@ def screen_field(clf: Classifier, frame: object, th: QualityThresholds) -> Scree
 class Classifier:
     """A bundle and its loaded model; ``classify`` takes any HxWx3 uint8 RGB frame.
 
+    ``classify`` = ``infer(prepare(frame))``: the screening loop prepares the next frame on another thread
+    while this one's ``infer`` holds the interpreter (which is not thread-safe; only ``infer`` touches it).
+
     ``rbc_diameter_px`` is the camera's calibration (``python -m device calibrate``): the median red-cell
     diameter in frame pixels. With it, every frame is rescaled to the training scale; without it (0), the
     lit field's bounding square is taken as the training field of view.
@@ -124,18 +127,21 @@ class Classifier:
         return model_features(self.model, rgb)
 
     def prepare(self, frame: np.ndarray) -> Prepared:
-        """The frame as the network will see it (and as the quality gate judges it)."""
+        """The frame as the network will see it (and as the quality gate judges it): pure, thread-safe."""
         return prepare(frame, self.model.input_spec.size, side_px=self.side_px)
 
-    def classify(self, frame: np.ndarray | Prepared) -> Timed:
-        """Verdict for a frame, or for a frame already made ready by :meth:`prepare`."""
-        t0 = time.perf_counter()
-        rgb = (frame if isinstance(frame, Prepared) else self.prepare(frame)).rgb
+    def infer(self, prepared: Prepared) -> Timed:
+        """Features (:func:`model_features`), head and decision rule: the only method touching the interpreter."""
         t1 = time.perf_counter()
-        feats = model_features(self.model, rgb)
+        feats = model_features(self.model, prepared.rgb)
         t2 = time.perf_counter()
         out = evaluate(self.bundle.head, feats)
         verdict = decide(self.bundle.head, out, self.bundle.benign, self.bundle.thresholds)
         t3 = time.perf_counter()
-        return Timed(verdict, (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000,
-                     standardise(self.bundle.head, feats))
+        return Timed(verdict, 0.0, (t2 - t1) * 1000, (t3 - t2) * 1000, standardise(self.bundle.head, feats))
+
+    def classify(self, frame: np.ndarray | Prepared) -> Timed:
+        """Verdict for a frame, or for a frame already made ready by :meth:`prepare`."""
+        t0 = time.perf_counter()
+        prep = frame if isinstance(frame, Prepared) else self.prepare(frame)
+        return replace(self.infer(prep), preprocess_ms=(time.perf_counter() - t0) * 1000)

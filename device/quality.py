@@ -14,6 +14,7 @@ images, mean the same thing whatever the camera's resolution or magnification
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -149,19 +150,25 @@ def assess(frame: object, th: QualityThresholds = QualityThresholds(), *, side_p
     return gate(frame, ANALYSIS_SIZE, th, side_px=side_px)[1]
 
 
-def gate(frame: object, size: int, th: QualityThresholds = QualityThresholds(), *,
-         side_px: float | None = None) -> tuple[Prepared | None, Quality]:
+def gate(frame: object, size: int, th: QualityThresholds = QualityThresholds(), *, side_px: float | None = None,
+         timings: dict[str, float] | None = None) -> tuple[Prepared | None, Quality]:
     """Prepare ``frame`` for a ``size`` px network once and judge it: (prepared or None if invalid, quality).
 
     A network of another size (a reduced test model) is judged on its own :data:`ANALYSIS_SIZE` preparation.
+    ``timings`` (if given) receives the milliseconds of "preprocess" and "quality".
     """
+    t0 = time.perf_counter()
     problem = validate_frame(frame)
     if problem:
         return None, Quality(False, INVALID, problem + "; check the camera connection and settings")
     assert isinstance(frame, np.ndarray)
     prep = prepare(frame, size, side_px=side_px)
+    t1 = time.perf_counter()
     judged = prep if size == ANALYSIS_SIZE else prepare(frame, ANALYSIS_SIZE, side_px=side_px)
-    return prep, assess_prepared(judged, th)
+    q = assess_prepared(judged, th)
+    if timings is not None:
+        timings.update(preprocess=round((t1 - t0) * 1000, 3), quality=round((time.perf_counter() - t1) * 1000, 3))
+    return prep, q
 
 
 def assess_prepared(prep: Prepared, th: QualityThresholds = QualityThresholds()) -> Quality:
