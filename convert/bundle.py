@@ -107,6 +107,7 @@ def write_bundle(o: Options) -> Path:
         "quantization": {"tool": "onnx2tf full-integer", "weights": "int8 per-channel", "activations": "int8",
                          "calibration_images": quant["calibration_images"],
                          "edgetpu_friendly": quant["edgetpu_friendly"], "op_types": quant["op_types"],
+                         "edgetpu_friendly_op_types": quant.get("edgetpu_friendly_op_types"),
                          "onnx_vs_torch_max_abs_diff": exp["max_abs_diff"]},
         "head": {"k": head.k, "criterion": metrics["selection"]["criterion"], "svm_C": metrics["selection"]["C"],
                  "calibration": "Platt sigmoid per class (one-vs-rest) fitted on the validation split, normalised",

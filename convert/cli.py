@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consecutive acquisition numbers kept together (about one patient)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib", type=int, default=256, help="calibration images for int8 (>= 200 for a real model)")
-    p.add_argument("--keep-leakyrelu", action="store_true", help="keep LEAKY_RELU ops (not Edge TPU compatible)")
+    p.add_argument("--keep-leakyrelu", action="store_true",
+                   help="make only the CPU graph (native LEAKY_RELU), no Edge-TPU-friendly second graph")
     p.add_argument("--criterion", choices=("MIQ", "MID"), default="MIQ", help="mRMR criterion")
     p.add_argument("--folds", type=int, default=10, help="CV folds for the report's Table 2")
     p.add_argument("--force", action="store_true", help="re-run steps even when current")

@@ -73,8 +73,11 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
       "as the Pi: find the lit field (eyepiece disc or whole frame), fill outside it with the background colour, "
       "normalise colour so the slide background is neutral grey.")
     a(f"3. **ONNX** export (BN folded; max |ONNX - PyTorch| {q['onnx_vs_torch_max_abs_diff']:.3g}), then full-integer "
-      f"**int8 TFLite** with onnx2tf, calibrated on {q['calibration_images']} prepared training images. Ops: " +
-      ", ".join(f"`{k}` x{v}" for k, v in q["op_types"].items()) + ".")
+      f"**int8 TFLite** with onnx2tf, calibrated on {q['calibration_images']} prepared training images. The CPU "
+      "graph (what the Pi runs, and what the head is fitted on) keeps native `LEAKY_RELU`: " +
+      ", ".join(f"`{k}` x{v}" for k, v in q["op_types"].items()) + "." +
+      (" A second, Edge-TPU-friendly graph (LeakyReLU rewritten, same calibration images) ships for "
+       "`edgetpu_compiler`; it runs only with the Edge TPU delegate." if q.get("edgetpu_friendly") else ""))
     a(f"4. **Features** of every image through the int8 model with `device/`'s code; **mRMR** ({sel['criterion']}) "
       f"ranking on train; k and C by validation accuracy with the one-standard-error rule (the smallest k within "
       f"one SE of the best): **k = {sel['k']}** of 1000, C = {sel['C']} (best validation accuracy "
@@ -102,6 +105,10 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
     a(f"| int8 vs float: same top class | {_ci(m['int8_float_agreement'])} |")
     a(f"| int8 vs float: same device decision | {_ci(m['int8_float_decision_agreement'])} |")
     a(f"| expected calibration error (10 bins) | {_pct(t['calibration']['ece'])} |")
+    if m.get("graph_agreement"):
+        g = m["graph_agreement"]
+        a(f"| CPU graph vs Edge-TPU-friendly graph: same device decision | {_pct(g['decision_agreement'])} "
+          f"({g['decisions_agree']}/{g['images']}; worst feature cosine {g['worst_feature_cosine']}) |")
     a("")
     v = m["validation"]
     a(f"Validation split (where the choices were made), for comparison: accuracy {_ci(v['accuracy'])}.\n")

@@ -93,6 +93,11 @@ def evaluate_all(o: Options) -> dict:
         "table2": table2(z["train"], z["y_train"], np.array(sel["ranking"]), sel["k"], sel["C"], o.folds, o.seed),
         "geometry": {"field_px": float(z["field_px"]), "rbc_diameter_px": float(z["rbc_diameter_px"])},
     }
+    if pp["edgetpu_friendly"].exists():
+        from convert.quantize import graph_agreement
+
+        x8 = _load(o, "test", size)[1]
+        m["graph_agreement"] = graph_agreement(pp["tflite"], pp["edgetpu_friendly"], x8, head, "Benign", th)
     m["duplicates"]["recapture_sets"] = [suite[int(k.split("|")[0])].name for k in recapture_keys]
     return m
 

@@ -89,6 +89,7 @@ def paths(o: Options) -> dict[str, Path]:
     return {"split": w / "split.json", "weights": w / "darknet19.pt", "onnx": w / "darknet19.onnx",
             "export": w / "export.json", "tflite": w / "darknet19_int8.tflite", "quant": w / "quantize.json",
             "edgetpu": w / "darknet19_int8_edgetpu.tflite", "features": w / "features.npz",
+            "edgetpu_friendly": w / "darknet19_int8_edgetpu_friendly.tflite",
             "shifts": w / "shifts.npz", "ood": w / "ood.npz",
             "head": w / "head.npz", "selection": w / "selection.json"}
 
@@ -207,13 +208,12 @@ def export(o: Options) -> None:
 
 
 def quantize(o: Options) -> None:
-    from convert.quantize import op_types, to_int8_tflite
+    """The CPU int8 graph (native LEAKY_RELU) and, unless disabled, the Edge-TPU-friendly one, same calibration."""
+    from convert.quantize import to_int8_graphs
 
     pp = paths(o)
 
     def go():
-        import shutil
-
         size = trained_size(o)
         classes, parts, _ = data.read_split(pp["split"])
         rng = np.random.default_rng(o.seed)
@@ -222,24 +222,30 @@ def quantize(o: Options) -> None:
         _, x, _, _ = _load(o, "train", size, chosen)
         if len(x) < 200:
             log.warning("calibrating on %d images (< 200): fine for tests, not for a shipped model", len(x))
-        out = to_int8_tflite(pp["onnx"], x, o.work / "onnx2tf", edgetpu_friendly=o.edgetpu_friendly)
-        shutil.copyfile(out, pp["tflite"])
-        ops = op_types(pp["tflite"])
-        info = {"calibration_images": len(x), "op_types": ops, "edgetpu_friendly": o.edgetpu_friendly,
+        pp["edgetpu_friendly"].unlink(missing_ok=True)
+        g = to_int8_graphs(pp["onnx"], x, o.work / "onnx2tf", cpu_dest=pp["tflite"],
+                           edgetpu_friendly_dest=pp["edgetpu_friendly"] if o.edgetpu_friendly else None)
+        info = {"calibration_images": len(x), "op_types": g.cpu_op_types, "edgetpu_friendly": o.edgetpu_friendly,
+                "edgetpu_friendly_op_types": g.edgetpu_friendly_op_types,
                 "calibration_names": [s.path for s in chosen]}
         pp["quant"].write_text(json.dumps(info, indent=1))
-        print(f"int8 TFLite: {pp['tflite']} ({pp['tflite'].stat().st_size / 1e6:.1f} MB), ops {ops}")
+        print(f"int8 TFLite: {pp['tflite']} ({pp['tflite'].stat().st_size / 1e6:.1f} MB), ops {g.cpu_op_types}"
+              + (f"; Edge-TPU-friendly graph {pp['edgetpu_friendly']}" if g.edgetpu_friendly else ""))
         return {"calibration_images": len(x)}
 
     run_step(o, "quantize", [pp["onnx"], pp["split"]], [pp["tflite"], pp["quant"]],
-             {"calib": o.calib, "etpu": o.edgetpu_friendly, "seed": o.seed}, go)
+             {"calib": o.calib, "etpu": o.edgetpu_friendly, "seed": o.seed, "graphs": 2}, go)
 
 
 def edgetpu(o: Options) -> Path | None:
+    """Compile the Edge-TPU-friendly graph with Coral's compiler, where it is installed."""
     from convert.quantize import compile_edgetpu
 
     pp = paths(o)
-    out = compile_edgetpu(pp["tflite"], o.work / "edgetpu")
+    if not pp["edgetpu_friendly"].exists():
+        log.warning("no Edge-TPU-friendly graph in %s (run quantize without --keep-leakyrelu)", o.work)
+        return None
+    out = compile_edgetpu(pp["edgetpu_friendly"], o.work / "edgetpu")
     if out is None:
         pp["edgetpu"].unlink(missing_ok=True)
         return None

@@ -36,6 +36,9 @@ def test_chain_builds_a_bundle_the_device_accepts(built, smear_dir):
     assert bundle.classes == ("Benign", "Early Pre-B", "Pre-B", "Pro-B")
     assert manifest["input"]["dtype"] == "int8" and manifest["output"]["features"] == 1000
     assert manifest["quantization"]["calibration_images"] == 16  # the whole (tiny) training split
+    assert "LEAKY_RELU" in manifest["quantization"]["op_types"]  # the CPU graph: native LeakyReLU
+    assert "LEAKY_RELU" not in manifest["quantization"]["edgetpu_friendly_op_types"]  # the Edge TPU's input
+    assert bundle.edgetpu_friendly_path is not None and bundle.edgetpu_friendly_path.is_file()
     assert (manifest["split"]["train"], manifest["split"]["val"], manifest["split"]["test"]) == (16, 8, 8)
     for key in ("accuracy", "int8_float_agreement", "all_sensitivity", "benign_specificity"):
         assert 0.0 <= manifest["metrics"][key] <= 1.0
