@@ -2,6 +2,8 @@
 
 Steps, in order: split, train, export, quantize, [edgetpu], features, head,
 bundle. ``all`` runs them in order, skipping any whose outputs are current.
+``references`` re-makes only the bundle's reference images (``bundle`` makes
+them too) from the held-out split in the work folder.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _options(a):
 
 def run(step: str, a) -> None:
     from convert import steps
-    from convert.bundle import write_bundle
+    from convert.bundle import add_references, test_candidates, write_bundle
 
     o = _options(a)
     todo = ORDER if step == "all" else (step,)
@@ -47,6 +49,8 @@ def run(step: str, a) -> None:
             steps.train(o, _train_cfg(a))
         elif s == "bundle":
             write_bundle(o)
+        elif s == "references":
+            add_references(o.models, test_candidates(o))
         elif s == "edgetpu":
             out = steps.edgetpu(o)
             print(f"Edge TPU model: {out}" if out else "edgetpu_compiler is not installed; see the message above")
@@ -59,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=(*ORDER, "edgetpu", "all"))
+    p.add_argument("step", choices=(*ORDER, "edgetpu", "references", "all"))
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="class-per-folder image set (default %(default)s)")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "convert", help="intermediate files")
     p.add_argument("--models", type=Path, default=ROOT / "models", help="bundle output folder")

@@ -62,7 +62,12 @@ def model_features(model: TFLiteModel, rgb: np.ndarray) -> np.ndarray:
     The one code path from pixels to features: the device classifies with it
     and ``convert/`` fits the head on its output.
     """
-    return model.dequantize(model.invoke(quantize_input(rgb, model.input_spec)))
+    return model.dequantize(model_output(model, rgb))
+
+
+def model_output(model: TFLiteModel, rgb: np.ndarray) -> np.ndarray:
+    """The raw quantized output of :func:`model_features` (what the reference-image check compares)."""
+    return model.invoke(quantize_input(rgb, model.input_spec))
 
 
 @dataclass(frozen=True)
@@ -92,12 +97,17 @@ class Classifier:
         return model_features(self.model, rgb)
 
     def classify(self, frame: np.ndarray) -> Timed:
+        return self.screen(frame)[1]
+
+    def screen(self, frame: np.ndarray) -> tuple[np.ndarray, Timed]:
+        """``classify``, also returning the model's raw int8 output (the reference-image check compares it)."""
         t0 = time.perf_counter()
         rgb = frame_to_rgb(frame, self.model.input_spec.size)
         t1 = time.perf_counter()
-        feats = model_features(self.model, rgb)
+        q = model_output(self.model, rgb)
+        feats = self.model.dequantize(q)
         t2 = time.perf_counter()
         out = evaluate(self.bundle.head, feats)
         verdict = decide(self.bundle.head, out, self.bundle.benign, self.bundle.thresholds)
         t3 = time.perf_counter()
-        return Timed(verdict, (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)
+        return q, Timed(verdict, (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)
