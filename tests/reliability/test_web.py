@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -169,9 +168,10 @@ def test_200_concurrent_status_requests_are_all_answered_while_the_loop_keeps_re
 
 
 def test_the_page_governor_waits_only_when_in_debt(table) -> None:
-    """The mechanism behind the bound above, alone: a page polling normally never waits; in a flood, after a
-    burst the next request waits until the page's share of the time is back under the cap; without a flood
-    (a browser loading the page) nothing waits even in debt."""
+    """The mechanism that keeps bursts from slowing the loop (`make bench` measures how much), alone: a page
+    polling normally never waits; in a flood, after a burst the next request waits until the page's share of
+    the time is back under the cap; without a flood (a browser loading the page) nothing waits even in debt.
+    Asserted on the seconds the governor itself slept, not on wall-clock time."""
     from device.web import CpuGovernor
 
     g = CpuGovernor(share=0.5, burst_s=0.05, overhead_s=0.0)
@@ -180,22 +180,16 @@ def test_the_page_governor_waits_only_when_in_debt(table) -> None:
         normal += g.wait()
         g.charge(0.001)
     g.charge(0.2)  # a burst: 200 ms of handling; at 50% the debt takes ~0.3 s to repay
-    t0 = time.monotonic()
-    waited = g.wait()
-    took = time.monotonic() - t0
+    waited = g.wait()  # the seconds it slept: a lower bound that a slow machine cannot break
     stopped = CpuGovernor(share=0.01, burst_s=0.0, overhead_s=0.0)
     stopped.charge(10.0)
     stopped.stop.set()
-    t1 = time.monotonic()
-    stopped.wait()  # closing the server releases waiting requests at once
-    released = time.monotonic() - t1
+    released = stopped.wait()  # closing the server releases waiting requests at once: no sleep at all
     calm = CpuGovernor(share=0.01, burst_s=0.0, overhead_s=0.0, pending=lambda: 2)  # a browser loading the page
     calm.charge(0.5)
-    t2 = time.monotonic()
-    calm.wait()
-    calm_s = time.monotonic() - t2
-    ok = normal == 0.0 and took >= 0.25 and waited >= 0.25 and released < 0.5 and calm_s < 0.1
+    calm_s = calm.wait()
+    ok = normal == 0.0 and waited >= 0.25 and released == 0.0 and calm_s == 0.0
     table(AREA, "page governor (unit)", "polling never waits; a burst's debt is repaid at the cap; stop releases",
-          f"polling waited {normal:.3f} s; after 200 ms at 50%: waited {took:.2f} s; on stop {released:.3f} s; "
+          f"polling waited {normal:.3f} s; after 200 ms at 50%: waited {waited:.2f} s; on stop {released:.3f} s; "
           f"in debt but no flood (2 queued): {calm_s:.3f} s", ok)
     assert ok
