@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail if fewer samples than this share are labelled as their name says (default 0.5)")
     s.add_argument("--max-lsb", type=int, default=MAX_LSB, metavar="N",
                    help="fail if a reference image's int8 features differ from the build machine's by more than N "
-                        "(default %(default)s: the largest the bundle's report checks decisions against)")
+                        "(default %(default)s: the largest perturbation the bundle's REPORT.md measures)")
     s.set_defaults(fn=cmd_selftest)
     return p
 
