@@ -155,9 +155,12 @@ run_amd64() {
   pip_passthrough
   say "1. a user without sudo: make test must stop before the suite and name the command"
   in_root useradd -m -s /bin/bash newcomer
+  # the user's own copy of the remote: git refuses to read a repository another user owns
+  cp -a "$RUN/srv/leukoscreen.git" "$RUN/home/newcomer/remote.git"
+  in_root chown -R newcomer:newcomer /home/newcomer/remote.git
   set +e
   early=$(chroot "$RUN" runuser -u newcomer -- env -i HOME=/home/newcomer PATH=/usr/bin:/bin LANG=C.UTF-8 \
-    bash -c 'cd ~ && git clone -q /srv/leukoscreen.git leukoscreen && cd leukoscreen && make test' 2>&1)
+    bash -c 'cd ~ && git clone -q remote.git leukoscreen && cd leukoscreen && make test' 2>&1)
   early_rc=$?
   set -e
   echo "$early" >>"$LOG"
