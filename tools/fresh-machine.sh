@@ -126,7 +126,8 @@ setup_run() {
   bind "$PIP_CACHE" /root/.cache/pip
   # the repository as a newcomer's remote: a bare clone of this commit's branch
   git clone -q --bare --no-hardlinks "$REPO" "$RUN/srv/leukoscreen.git"
-  if [ "$BRANCH" != HEAD ]; then
+  if [ "$BRANCH" != HEAD ]; then  # the commit this check started from, even if the branch moved on since
+    git -C "$RUN/srv/leukoscreen.git" update-ref "refs/heads/$BRANCH" "$COMMIT"
     git -C "$RUN/srv/leukoscreen.git" symbolic-ref HEAD "refs/heads/$BRANCH"
   else
     git -C "$RUN/srv/leukoscreen.git" update-ref --no-deref HEAD "$COMMIT"
