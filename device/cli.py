@@ -24,7 +24,7 @@ import numpy as np
 
 from device import config as config_mod
 from device.errors import ConfigError, ImageError, ScreenError
-from device.reference import MAX_LSB
+from device.reference import MAX_LSB, check_references
 
 log = logging.getLogger("device")
 
@@ -198,8 +198,6 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     clf = holder.get("clf")
     if clf is not None:
         def references() -> str:
-            from device.reference import check_references
-
             if bundle.references is None:
                 return "no reference images in this bundle (built before they were added); margin not measured"
             result = check_references(bundle, clf, max_lsb=args.max_lsb)
