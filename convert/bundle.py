@@ -15,6 +15,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+
 from convert import data
 from convert.scorecard import evaluate_all
 from convert.steps import Options, paths, step_seconds
@@ -134,6 +136,7 @@ def write_bundle(o: Options) -> Path:
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     load_bundle(out)  # the device must accept what we ship
+    manifest["references"] = add_references(out, held_out_candidates(o))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     report.write(o, out, manifest, metrics, step_seconds(o))
     print(f"bundle -> {out}: int8 + SVM accuracy {manifest['metrics']['accuracy']:.4f} on {metrics['test_images']} "
@@ -144,3 +147,83 @@ def write_bundle(o: Options) -> Path:
 def _entry(root: Path, rel: str) -> dict:
     p = root / rel
     return {"path": rel, "sha256": sha256_file(p), "bytes": p.stat().st_size}
+
+
+# --------------------------------------------------------------------------- reference images
+REFERENCES_PER_CLASS = 2
+#: Reference images are chosen well inside their decision, so a legitimate 1-LSB difference cannot flip them
+#: and a flip means real trouble: confidence at least this far above the bundle's threshold where possible.
+REFERENCE_MARGIN = 0.1
+#: Candidates examined per class (in a fixed pseudo-random order) before settling for less decisive ones.
+REFERENCE_CANDIDATES = 12
+
+
+def held_out_candidates(o: Options) -> list[tuple[Path, str]]:
+    """The held-out images of the run's split, with their class names as the bundle spells them."""
+    _, parts, doc = data.read_split(paths(o)["split"])
+    root = Path(doc["data_root"])
+    return [(root / s.path, data.DISPLAY_NAMES.get(s.label, s.label)) for s in sorted(parts["test"],
+                                                                                       key=lambda s: s.sha256)]
+
+
+def add_references(out: Path, candidates: list[tuple[Path, str]], *, per_class: int = REFERENCES_PER_CLASS) -> dict:
+    """Write ``references/`` into the bundle at ``out`` and its section into the manifest; returns the section.
+
+    ``per_class`` images per class are taken from ``candidates`` (held-out images and their class), cut to the
+    model's input size by the device's own preprocessing and saved as PNG, then read back and classified with
+    :class:`device.classifier.Classifier` exactly as ``selftest`` will on the Pi; the raw int8 outputs and the
+    decisions become the expected values. Images whose decision is correct and clear of the confidence threshold
+    by :data:`REFERENCE_MARGIN` are preferred.
+    """
+    from PIL import Image
+
+    from device.classifier import Classifier
+    from device.preprocess import frame_to_rgb, load_image
+    from device.reference import EXPECTED_FILE, FOLDER, write_expected
+
+    doc = json.loads((out / MANIFEST).read_text())
+    doc.pop("references", None)
+    (out / MANIFEST).write_text(json.dumps(doc, indent=1) + "\n")
+    folder = out / FOLDER
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    bundle = load_bundle(out)
+    clf = Classifier.open(bundle, num_threads=2, use_edgetpu=False)
+    size = bundle.input.size
+    chosen: list[dict] = []
+    for cls in bundle.classes:
+        mine = [p for p, c in candidates if c == cls][:REFERENCE_CANDIDATES]
+        if not mine:
+            raise data.DatasetError(f"no held-out image of class {cls!r} to take reference images from")
+        tried = []
+        for src in mine:
+            rgb = frame_to_rgb(np.asarray(load_image(src), dtype=np.uint8), size)
+            v = clf.classify(rgb).verdict
+            clear = v.status == "ok" and v.label == cls and v.confidence >= bundle.thresholds.confidence + \
+                REFERENCE_MARGIN
+            margin = abs(v.confidence - bundle.thresholds.confidence)
+            tried.append((not clear, -margin, len(tried), src, rgb))
+        for _, _, _, src, rgb in sorted(tried, key=lambda t: t[:3])[:per_class]:
+            name = f"{FOLDER}/{cls.lower().replace(' ', '-')}-{sum(c['class'] == cls for c in chosen) + 1}.png"
+            Image.fromarray(rgb, "RGB").save(out / name, format="PNG")
+            chosen.append({"name": name, "source": src.name, "class": cls})
+    feats, probs, verdicts = [], [], []
+    for c in chosen:  # read back: the device classifies the PNG file, not the array it was saved from
+        q, timed = clf.screen(np.asarray(load_image(out / c["name"]), dtype=np.uint8))
+        feats.append(q)
+        probs.append([timed.verdict.scores[k] for k in bundle.classes])
+        verdicts.append(timed.verdict)
+    write_expected(out / EXPECTED_FILE, names=[c["name"] for c in chosen], sources=[c["source"] for c in chosen],
+                   classes=[c["class"] for c in chosen], features_q=np.stack(feats).astype(np.int8),
+                   probs=np.array(probs), verdicts=verdicts)
+    section = {"expected": _entry(out, EXPECTED_FILE),
+               "images": [_entry(out, c["name"]) for c in chosen],
+               "made_on": f"{platform.machine()} {platform.system()}, {clf.model.runtime}, {clf.model.delegate}",
+               "note": "raw int8 model outputs and decisions on the build machine; `python -m device selftest` "
+                       "compares this machine's with them (device/reference.py)"}
+    doc["references"] = section
+    (out / MANIFEST).write_text(json.dumps(doc, indent=1) + "\n")
+    refs = load_bundle(out).references  # the device must accept them, and agree with itself
+    print(f"references -> {folder}: {len(chosen)} images; "
+          + ", ".join(f"{p.stem}: {d}" for p, d in zip(refs.images, refs.decisions)))
+    return section

@@ -3,6 +3,8 @@
 Steps, in order: split, train, export, quantize, [edgetpu], features, head,
 bundle. ``all`` runs them in order, skipping any whose outputs are current.
 ``evaluate [--shifts]`` prints the new-patient test results (and the shift suite) of the work folder.
+``references`` re-makes only the bundle's reference images (``bundle`` makes
+them too) from the held-out split in the work folder.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def _options(a):
 
 def run(step: str, a) -> None:
     from convert import steps
-    from convert.bundle import write_bundle
+    from convert.bundle import add_references, held_out_candidates, write_bundle
 
     o = _options(a)
     todo = ORDER if step == "all" else (step,)
@@ -52,6 +54,8 @@ def run(step: str, a) -> None:
             from convert.scorecard import print_summary
 
             print_summary(o, a.shifts)
+        elif s == "references":
+            add_references(o.models, held_out_candidates(o))
         elif s == "edgetpu":
             out = steps.edgetpu(o)
             print(f"Edge TPU model: {out}" if out else "edgetpu_compiler is not installed; see the message above")
@@ -64,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=(*ORDER, "edgetpu", "evaluate", "all"))
+    p.add_argument("step", choices=(*ORDER, "edgetpu", "evaluate", "references", "all"))
     p.add_argument("--shifts", action="store_true", help="evaluate: also print the shift suite's table")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="class-per-folder image set (default %(default)s)")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "convert", help="intermediate files")

@@ -68,7 +68,12 @@ def model_features(model: TFLiteModel, rgb: np.ndarray) -> np.ndarray:
     The one code path from pixels to features: the device classifies with it
     and ``convert/`` fits the head on its output.
     """
-    return model.dequantize(model.invoke(quantize_input(rgb, model.input_spec)))
+    return model.dequantize(model_output(model, rgb))
+
+
+def model_output(model: TFLiteModel, rgb: np.ndarray) -> np.ndarray:
+    """The raw quantized output of :func:`model_features` (what the reference-image check compares)."""
+    return model.invoke(quantize_input(rgb, model.input_spec))
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,8 @@ class Timed:
     head_ms: float
     #: The field's fingerprint (standardised selected features): near-duplicate fields of a slide are found by it.
     fingerprint: np.ndarray | None = None
+    #: The model's raw quantized output (what the reference-image check compares across machines).
+    output: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -133,15 +140,22 @@ class Classifier:
     def infer(self, prepared: Prepared) -> Timed:
         """Features (:func:`model_features`), head and decision rule: the only method touching the interpreter."""
         t1 = time.perf_counter()
-        feats = model_features(self.model, prepared.rgb)
+        raw = model_output(self.model, prepared.rgb)
+        feats = self.model.dequantize(raw)
         t2 = time.perf_counter()
         out = evaluate(self.bundle.head, feats)
         verdict = decide(self.bundle.head, out, self.bundle.benign, self.bundle.thresholds)
         t3 = time.perf_counter()
-        return Timed(verdict, 0.0, (t2 - t1) * 1000, (t3 - t2) * 1000, standardise(self.bundle.head, feats))
+        return Timed(verdict, 0.0, (t2 - t1) * 1000, (t3 - t2) * 1000, standardise(self.bundle.head, feats), raw)
 
     def classify(self, frame: np.ndarray | Prepared) -> Timed:
         """Verdict for a frame, or for a frame already made ready by :meth:`prepare`."""
         t0 = time.perf_counter()
         prep = frame if isinstance(frame, Prepared) else self.prepare(frame)
         return replace(self.infer(prep), preprocess_ms=(time.perf_counter() - t0) * 1000)
+
+    def screen(self, frame: np.ndarray) -> tuple[np.ndarray, Timed]:
+        """``classify``, also returning the model's raw int8 output (the reference-image check compares it)."""
+        t = self.classify(frame)
+        assert t.output is not None
+        return t.output, t

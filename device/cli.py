@@ -24,6 +24,7 @@ import numpy as np
 
 from device import config as config_mod
 from device.errors import ConfigError, ImageError, ScreenError
+from device.reference import MAX_LSB, check_references
 
 log = logging.getLogger("device")
 
@@ -197,6 +198,17 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         check("model", open_clf)
     clf = holder.get("clf")
     if clf is not None:
+        def references() -> str:
+            if bundle.references is None:
+                return "no reference images in this bundle (built before they were added); margin not measured"
+            result = check_references(bundle, clf, max_lsb=args.max_lsb)
+            if not result.ok:
+                raise ValueError(f"{result.summary}; this machine's int8 arithmetic differs from the build "
+                                 f"machine's ({result.made_on}) more than the bundle was checked for: do not screen "
+                                 "with it, report the runtime version (see README, Fresh-machine check)")
+            return result.summary
+        check("references", references)
+
         samples_dir = Path(args.samples) if args.samples else config_mod.PACKAGE_DIR / "samples"
 
         def samples() -> str:
@@ -327,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", metavar="DIR", help="labelled sample images (default: device/samples)")
     s.add_argument("--min-accuracy", type=float, default=0.5,
                    help="fail if fewer samples than this share are labelled as their name says (default 0.5)")
+    s.add_argument("--max-lsb", type=int, default=MAX_LSB, metavar="N",
+                   help="fail if a reference image's int8 features differ from the build machine's by more than N "
+                        "(default %(default)s: the largest perturbation the bundle's REPORT.md measures)")
     s.set_defaults(fn=cmd_selftest)
     cal = with_config(sub.add_parser("calibrate", help="measure the field scale (median red-cell diameter)"))
     cal.add_argument("images", nargs="*", metavar="IMAGE", help="fields to measure (default: read the camera)")

@@ -14,6 +14,7 @@ from convert.data import load_rgb, load_sources, read_split
 from device.bundle import load_bundle
 from device.classifier import Classifier
 from device.preprocess import load_image
+from device.reference import check_references
 
 ARGS = ["--width", "0.125", "--size", "64", "--low-size", "64", "--low-epochs", "2", "--high-epochs", "0",
         "--batch", "8", "--block", "2", "--test-fraction", "0.25", "--val-fraction", "0.25", "--calib", "24",
@@ -59,6 +60,11 @@ def test_chain_builds_a_bundle_the_device_accepts(built, smear_dir):
     img = next((smear_dir / "Pre").iterdir())
     v = clf.classify(np.asarray(load_image(img))).verdict
     assert v.status in ("ok", "refer") and abs(sum(v.scores.values()) - 1) < 1e-6
+    # two reference images per class, with the expected int8 outputs this machine reproduces exactly
+    assert bundle.references is not None and sorted(bundle.references.classes) == sorted(bundle.classes * 2)
+    assert set(bundle.references.sources) <= {p.name for p in smear_dir.rglob("*")}
+    check = check_references(bundle, clf)
+    assert check.ok and check.max_lsb_diff == 0 and not check.mismatches
 
 
 @pytest.mark.slow
