@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from device.bundle import Bundle
+from device.install import Installed
 from device.classifier import Classifier
 from device.config import Config
 from device.errors import CameraError, ScreenError, StoreError
@@ -162,9 +163,12 @@ class Service:
     def __init__(self, config: Config, *, bundle: Bundle, classifier: Classifier, store: ResultStore,
                  source_factory: Callable[[], FrameSource] | None, source_kind: str = "camera",
                  leds: LedDriver | None = None, notifier: Notifier | None = None, token: str = "",
-                 state_dir: Path | None = None, clock: Callable[[], float] = time.monotonic):
+                 state_dir: Path | None = None, clock: Callable[[], float] = time.monotonic,
+                 installed: Installed | None = None):
         self.config = config
         self.bundle, self.classifier, self.store = bundle, classifier, store
+        #: What the operator panel shows: the installed (active) and previous bundle.
+        self.installed = installed
         self.token = token
         self.source_factory, self.source_kind = source_factory, source_kind
         self.leds, self.notifier = leds, notifier or Notifier(address="")
@@ -423,7 +427,8 @@ class Service:
         slide_id = self._ensure_slide() if is_camera else None
         result = FieldResult(time=frame.t, status=status, label=label, all=bool(is_all), confidence=float(conf),
                              scores=scores, reason=reason, quality=q, timings=timings,
-                             model_sha256=self.bundle.model_sha256, source=source, name=frame.name,
+                             model_sha256=self.bundle.model_sha256, bundle=self.bundle.id, source=source,
+                             name=frame.name,
                              slide_id=slide_id, distance=dist, p_all=p_all)
         try:
             result = self.store.record(result, frame.array)  # durable before anything is shown
@@ -654,7 +659,10 @@ class Service:
                 "faults": [f.to_dict() for f in self._faults.values()],
                 "model": {"name": self.bundle.name, "sha256": self.bundle.model_sha256,
                           "classes": list(self.bundle.classes), "benign": self.bundle.benign,
-                          "input_size": self.bundle.input.size},
+                          "input_size": self.bundle.input.size, "bundle": self.bundle.id},
+                "bundles": (self.installed.to_dict() if self.installed is not None
+                            else {"active": self.bundle.id, "active_dir": str(self.bundle.root), "factory": True,
+                                  "previous": None, "previous_dir": None}),
                 "runtime": getattr(model, "runtime", None),
                 "delegate": getattr(model, "delegate", None),
                 "inference_ms": {"p50": _pct(inv, 50), "p95": _pct(inv, 95), "n": len(inv)},
