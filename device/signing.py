@@ -172,7 +172,7 @@ def new_private_key(path: Path) -> Path:
     serialization, ed25519, _ = _crypto()
     path = path.expanduser()
     if path.exists():
-        raise FileExistsError(f"{path}: already exists; refusing to overwrite a signing key")
+        raise SignatureError(f"{path}: already exists; refusing to overwrite a signing key (drop --new-key to use it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     key = ed25519.Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
