@@ -131,7 +131,7 @@ def verify_bundle(folder: Path, keys_dir: Path, *, require_signature: bool = Tru
         log.warning("%s: not verified by signature (require_signature = false)", folder, exc_info=False)
     bundle = load_bundle(folder)
     clf = Classifier.open(bundle, num_threads=threads, use_edgetpu=use_edgetpu)
-    summary = check_references(bundle, clf) if references else "not checked"
+    summary = check_references(bundle, clf) if references else "reference images: not checked"
     return Verified(bundle, clf, signed, summary)
 
 
@@ -322,7 +322,7 @@ def install_bundle(src: Path, bundles_dir: Path, factory_dir: Path, verify: Veri
         _tidy(bundles_dir)
         checks = (v.signed.describe() if v.signed else "unsigned", "every file's sha256 matches the manifest",
                   f"schema, model and head agree ({len(v.bundle.classes)} classes, input {v.bundle.input.size} px)",
-                  f"reference images: {v.references}")
+                  v.references)
         return Switched(new_id, final, _id_of(current), checks)
 
 
@@ -360,7 +360,7 @@ def rollback(bundles_dir: Path, factory_dir: Path, verify: Verifier,
         _switch(bundles_dir, ACTIVE, _link_target(bundles_dir, prev))
         _switch(bundles_dir, PREVIOUS, _link_target(bundles_dir, current))
         checks = (v.signed.describe() if v.signed else "unsigned", "every file's sha256 matches the manifest",
-                  f"reference images: {v.references}")
+                  v.references)
         return Switched(_id_of(prev), prev, _id_of(current), checks)
 
 
