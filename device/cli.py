@@ -161,10 +161,9 @@ def sample_label(path: Path, classes: Sequence[str]) -> str | None:
 def cmd_selftest(args: argparse.Namespace) -> int:
     from device.bundle import load_bundle
     from device.classifier import Classifier
+    from device.signing import verify_signature
     from device.sources import list_images
     from device.store import ResultStore
-
-    from device.signing import verify_signature
 
     cfg = _load_config(args.config)
     res = config_mod.resolve(cfg)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from device.bundle import MANIFEST, Bundle, bundle_id, load_bundle, read_manifest
-from device.errors import BundleError, StoreError
+from device.errors import BundleError, RuntimeUnavailableError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +125,10 @@ def verify_bundle(folder: Path, keys_dir: Path, *, require_signature: bool = Tru
     manifest = read_manifest(folder)  # a missing or broken manifest is reported as such, not as a bad signature
     try:
         signed = verify_signature(folder, keys_dir, manifest)
-    except SignatureError:
+    except (SignatureError, RuntimeUnavailableError) as exc:
         if require_signature:
             raise
-        log.warning("%s: not verified by signature (require_signature = false)", folder, exc_info=False)
+        log.warning("%s: running WITHOUT a verified signature ([model] require_signature = false): %s", folder, exc)
     bundle = load_bundle(folder)
     clf = Classifier.open(bundle, num_threads=threads, use_edgetpu=use_edgetpu)
     summary = check_references(bundle, clf) if references else "reference images: not checked"

@@ -33,10 +33,10 @@ import numpy as np
 from PIL import Image
 
 from device.bundle import Bundle
-from device.install import Installed
 from device.classifier import Classifier
 from device.config import Config
 from device.errors import CameraError, ScreenError, StoreError
+from device.install import Installed
 from device.leds import V_ALL, V_BENIGN, V_REFER, V_RETAKE, AlertInputs, LedDriver, Pattern, alert_state
 from device.notify import Notifier
 from device.preprocess import load_image
