@@ -187,7 +187,7 @@ def write_bundle(o: Options) -> Path:
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     load_bundle(out)  # the device must accept what we ship
-    manifest["references"] = add_references(out, test_candidates(o))
+    manifest["references"] = add_references(out, held_out_candidates(o))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     report.write(o, out, manifest, metrics, step_seconds(o))
     print(f"bundle -> {out}: int8 + SVM accuracy {metrics['int8_svm']['accuracy']:.4f} on {metrics['test_images']} "
@@ -209,7 +209,7 @@ REFERENCE_MARGIN = 0.1
 REFERENCE_CANDIDATES = 12
 
 
-def test_candidates(o: Options) -> list[tuple[Path, str]]:
+def held_out_candidates(o: Options) -> list[tuple[Path, str]]:
     """The held-out images of the run's split, with their class names as the bundle spells them."""
     _, parts, doc = data.read_split(paths(o)["split"])
     root = Path(doc["data_root"])
@@ -249,8 +249,7 @@ def add_references(out: Path, candidates: list[tuple[Path, str]], *, per_class: 
         tried = []
         for src in mine:
             rgb = frame_to_rgb(np.asarray(load_image(src), dtype=np.uint8), size)
-            q, timed = clf.screen(rgb)
-            v = timed.verdict
+            v = clf.classify(rgb).verdict
             clear = v.status == "ok" and v.label == cls and v.confidence >= bundle.thresholds.confidence + \
                 REFERENCE_MARGIN
             margin = abs(v.confidence - bundle.thresholds.confidence)

@@ -46,7 +46,7 @@ def _options(a):
 
 def run(step: str, a) -> None:
     from convert import steps
-    from convert.bundle import add_references, test_candidates, write_bundle
+    from convert.bundle import add_references, held_out_candidates, write_bundle
 
     o = _options(a)
     todo = ORDER if step == "all" else (step,)
@@ -56,7 +56,7 @@ def run(step: str, a) -> None:
         elif s == "bundle":
             write_bundle(o)
         elif s == "references":
-            add_references(o.models, test_candidates(o))
+            add_references(o.models, held_out_candidates(o))
         elif s == "sign":
             sign(a)
         elif s == "import-onnx":

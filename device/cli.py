@@ -25,7 +25,7 @@ import numpy as np
 
 from device import config as config_mod
 from device.errors import ConfigError, ImageError, ScreenError
-from device.reference import MAX_LSB
+from device.reference import MAX_LSB, check_references
 
 log = logging.getLogger("device")
 
@@ -210,8 +210,6 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     clf = holder.get("clf")
     if clf is not None:
         def references() -> str:
-            from device.reference import check_references
-
             if bundle.references is None:
                 return "no reference images in this bundle (built before they were added); margin not measured"
             result = check_references(bundle, clf, max_lsb=args.max_lsb)
@@ -360,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail if fewer samples than this share are labelled as their name says (default 0.5)")
     s.add_argument("--max-lsb", type=int, default=MAX_LSB, metavar="N",
                    help="fail if a reference image's int8 features differ from the build machine's by more than N "
-                        "(default %(default)s: the largest the bundle's report checks decisions against)")
+                        "(default %(default)s: the largest perturbation the bundle's REPORT.md measures)")
     s.set_defaults(fn=cmd_selftest)
     i = with_config(sub.add_parser("install-bundle", help="verify a signed bundle (e.g. on a USB stick), install "
                                                           "it, switch to it, keep the current one for rollback"))
