@@ -293,7 +293,7 @@ def _switch_command(args: argparse.Namespace, action: str) -> int:
 
     cfg = _load_config(args.config)
     res = config_mod.resolve(cfg)
-    verify = install.make_verifier(res.keys_dir, threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu)
+    verify = install.Verifier(res.keys_dir, threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu)
 
     def say(msg: str) -> None:
         print(msg, flush=True)

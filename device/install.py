@@ -277,15 +277,25 @@ class Switched:
     checks: tuple[str, ...]  # what was verified, one line each
 
 
-Verifier = Callable[[Path], Verified]
+@dataclass(frozen=True)
+class Verifier:
+    """:func:`verify_bundle` with a signature always required and this box's keys and runtime settings."""
+
+    keys_dir: Path
+    threads: int = 1
+    use_edgetpu: bool = False
+    references: bool = True
+
+    def __call__(self, folder: Path) -> Verified:
+        return verify_bundle(folder, self.keys_dir, require_signature=True, threads=self.threads,
+                             use_edgetpu=self.use_edgetpu, references=self.references)
 
 
 def install_bundle(src: Path, bundles_dir: Path, factory_dir: Path, verify: Verifier,
                    *, progress: Callable[[str], None] = log.info) -> Switched:
     """Copy, verify and switch to the bundle in ``src``; the one running now becomes ``previous``.
 
-    ``verify`` is :func:`verify_bundle` with the box's keys and runtime settings bound (signature always
-    required). It runs on the copy on this box, so the bytes checked are the bytes that will run.
+    ``verify`` runs on the copy on this box, so the bytes checked are the bytes that will run.
     """
     from device.signing import verify_signature
 
@@ -303,7 +313,7 @@ def install_bundle(src: Path, bundles_dir: Path, factory_dir: Path, verify: Veri
         if current.resolve() == final.resolve():
             raise BundleError(f"{new_id} is already the active bundle; nothing to do")
         # who made it, before anything is copied or parsed further (the same check runs on the copy below)
-        verify_signature(src, _keys_of(verify), manifest)
+        verify_signature(src, verify.keys_dir, manifest)
         incoming = bundles_dir / f"{INCOMING}{new_id}-{secrets.token_hex(4)}"
         try:
             _copy_bundle(src, incoming, manifest)
@@ -324,25 +334,6 @@ def install_bundle(src: Path, bundles_dir: Path, factory_dir: Path, verify: Veri
                   f"schema, model and head agree ({len(v.bundle.classes)} classes, input {v.bundle.input.size} px)",
                   v.references)
         return Switched(new_id, final, _id_of(current), checks)
-
-
-def _keys_of(verify: Verifier) -> Path:
-    keys = getattr(verify, "keys_dir", None)
-    if keys is None:
-        raise TypeError("verify must carry the keys folder (use make_verifier)")
-    return keys
-
-
-def make_verifier(keys_dir: Path, *, threads: int = 1, use_edgetpu: bool = False,
-                  references: bool = True) -> Verifier:
-    """:func:`verify_bundle` with signatures required and this box's settings bound."""
-
-    def verify(folder: Path) -> Verified:
-        return verify_bundle(folder, keys_dir, require_signature=True, threads=threads, use_edgetpu=use_edgetpu,
-                             references=references)
-
-    verify.keys_dir = keys_dir  # type: ignore[attr-defined]
-    return verify
 
 
 def rollback(bundles_dir: Path, factory_dir: Path, verify: Verifier,
