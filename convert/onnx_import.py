@@ -368,10 +368,10 @@ def import_onnx(o, path: Path, classes: list[str] | None = None) -> Path:
           f"classes {net.classes}")
     steps.split(o)
     pp = steps.paths(o)
-    split_classes, parts, _ = data.read_split(pp["split"])
+    split_classes, parts, doc = data.read_split(pp["split"])
     t = to_torch(net, split_classes)
     # the rebuilt network must compute what the foreign file computes, on real images of the data set
-    _, x, _, _ = steps._load(o, "test", net.size, parts["test"][:CHECK_IMAGES])
+    x = data.load_rgb(Path(doc["data_root"]), parts["test"][:CHECK_IMAGES], net.size)
     with torch.no_grad():
         ours = t.features(to_tensor(x)).numpy()
     theirs = _foreign_features(path, _feature_output(path), x.transpose(0, 3, 1, 2).astype(np.float32))
@@ -390,7 +390,6 @@ def import_onnx(o, path: Path, classes: list[str] | None = None) -> Path:
     torch.save({"model": t.state_dict(), "classes": split_classes, "width": net.width,
                 "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, "seconds": 0.0,
                 "imported": info}, pp["weights"])
-    steps.stamp(o, "train", [pp["split"]], {"imported": info["sha256"]}, 0.0, imported=True)
     steps.export(o)
     steps.quantize(o)
     steps.features(o)
