@@ -5,6 +5,12 @@ bundle. ``all`` runs them in order, skipping any whose outputs are current.
 ``evaluate [--shifts]`` prints the new-patient test results (and the shift suite) of the work folder.
 ``references`` re-makes only the bundle's reference images (``bundle`` makes
 them too) from the held-out split in the work folder.
+
+``sign [BUNDLE]`` signs a bundle's manifest (Ed25519; ``--new-key`` makes a key
+pair): run it after every ``bundle`` step, since re-bundling makes the old
+signature stale. ``import-onnx FILE.onnx`` brings a DarkNet19 trained elsewhere
+(MATLAB's ``exportONNXNetwork`` layout) into the chain: quantize, features,
+head, bundle.
 """
 
 from __future__ import annotations
@@ -56,6 +62,14 @@ def run(step: str, a) -> None:
             print_summary(o, a.shifts)
         elif s == "references":
             add_references(o.models, held_out_candidates(o))
+        elif s == "sign":
+            sign(a)
+        elif s == "import-onnx":
+            from convert.onnx_import import import_onnx
+
+            if a.target is None:
+                raise SystemExit("python -m convert import-onnx FILE.onnx: name the ONNX file")
+            import_onnx(o, Path(a.target), classes=a.classes.split(",") if a.classes else None)
         elif s == "edgetpu":
             out = steps.edgetpu(o)
             print(f"Edge TPU model: {out}" if out else "edgetpu_compiler is not installed; see the message above")
@@ -63,12 +77,32 @@ def run(step: str, a) -> None:
             getattr(steps, s)(o)
 
 
+def sign(a) -> None:
+    """``python -m convert sign [BUNDLE]``: sign the manifest (run after every ``bundle`` step)."""
+    from device.signing import new_private_key, public_key_path, sign_bundle
+
+    key = Path(a.key).expanduser()
+    if a.new_key:
+        pub = new_private_key(key)
+        print(f"new signing key {key} (keep it secret, back it up offline); public key {pub}: copy it into "
+              "device/config/keys/ (the checkout) and /etc/leukoscreen/keys/ (each box)")
+        if a.target is None:
+            return
+    bundle = Path(a.target) if a.target else a.models
+    signed = sign_bundle(bundle, key)
+    print(f"signed {bundle}/manifest.json (sha256 {signed.manifest_sha256[:16]}...) with key {signed.key_id} "
+          f"({public_key_path(key)}) -> {bundle}/manifest.sig")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from convert.train import TrainConfig
+    from device.signing import DEFAULT_PRIVATE_KEY
 
     p = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=(*ORDER, "edgetpu", "evaluate", "references", "all"))
+    p.add_argument("step", choices=(*ORDER, "edgetpu", "evaluate", "references", "all", "sign", "import-onnx"))
+    p.add_argument("target", nargs="?", help="sign: the bundle folder (default --models); "
+                                              "import-onnx: the ONNX file of a DarkNet19 trained elsewhere")
     p.add_argument("--shifts", action="store_true", help="evaluate: also print the shift suite's table")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="class-per-folder image set (default %(default)s)")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "convert", help="intermediate files")
@@ -86,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=10, help="CV folds for the report's Table 2")
     p.add_argument("--force", action="store_true", help="re-run steps even when current")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    g = p.add_argument_group("sign")
+    g.add_argument("--key", default=str(DEFAULT_PRIVATE_KEY), help="Ed25519 private key (PEM) (default %(default)s)")
+    g.add_argument("--new-key", action="store_true", help="generate the key pair at --key first")
+    g = p.add_argument_group("import-onnx")
+    g.add_argument("--classes", help="the ONNX network's class order, comma-separated (default: its metadata "
+                                     "'classes', else the split's order)")
     g = p.add_argument_group("training (paper Table 1)")
     for f in fields(TrainConfig):
         if f.name == "seed":  # shared with the split's --seed

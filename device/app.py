@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from device import config as config_mod
-from device.bundle import load_bundle
-from device.classifier import Classifier
 from device.config import Config, GpioConfig, Resolved, resolve
 from device.errors import StoreError
+from device.install import installed, verify_bundle
 from device.leds import AlertInputs, LedDriver, Pattern, alert_state, make_pin_factory
 from device.notify import Notifier
 from device.service import Service
@@ -199,10 +198,12 @@ def build(cfg: Config, *, on_pi: bool | None = None, notifier: Notifier | None =
     res = resolve(cfg, on_pi=on_pi)
     notifier = notifier or Notifier()
     notifier.status("loading the model")
-    bundle = load_bundle(res.model_dir)
-    classifier = Classifier.open(bundle, num_threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu,
-                                 rbc_diameter_px=cfg.camera.rbc_diameter_px)
-    log.info("model %s (%s…) on %s, %s", bundle.name, bundle.model_sha256[:12], classifier.model.delegate,
+    v = verify_bundle(res.model_dir, res.keys_dir, require_signature=cfg.model.require_signature,
+                      threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu, references=False,
+                      rbc_diameter_px=cfg.camera.rbc_diameter_px)
+    bundle, classifier = v.bundle, v.classifier
+    log.info("bundle %s (%s) from %s, %s; model on %s, %s", bundle.id, bundle.name, res.model_dir,
+             v.signed.describe() if v.signed else "NOT signature-checked", classifier.model.delegate,
              classifier.model.runtime)
     store = open_store(res.state_dir, cfg.store)
     leds = None
@@ -211,7 +212,8 @@ def build(cfg: Config, *, on_pi: bool | None = None, notifier: Notifier | None =
         leds = make_leds(cfg, res.mock_gpio)
         factory, kind = source_factory(res, model_size=bundle.input.size)
         service = Service(cfg, bundle=bundle, classifier=classifier, store=store, source_factory=factory,
-                          source_kind=kind, leds=leds, notifier=notifier, token=token, state_dir=res.state_dir)
+                          source_kind=kind, leds=leds, notifier=notifier, token=token, state_dir=res.state_dir,
+                          installed=installed(res.bundles_dir, res.factory_dir))
         leds.on_short, leds.on_long = service.press, service.long_press
         service.start()
     except BaseException:

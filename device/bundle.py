@@ -70,6 +70,30 @@ class Bundle:
     def all_classes(self) -> tuple[str, ...]:
         return tuple(c for c in self.classes if c != self.benign)
 
+    @property
+    def digest(self) -> str:
+        """sha256 of the manifest's canonical bytes: what a signature covers, and so the whole bundle."""
+        return manifest_digest(self.manifest)
+
+    @property
+    def id(self) -> str:
+        """``<name>-<sha8>``: names the bundle in every stored result, the CSV, the report and the install folder."""
+        return bundle_id(self.manifest, self.name)
+
+
+def canonical_manifest(doc: dict) -> bytes:
+    """The manifest as signed: sorted keys, no whitespace, UTF-8. Re-indenting the file does not change it."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def manifest_digest(doc: dict) -> str:
+    return hashlib.sha256(canonical_manifest(doc)).hexdigest()
+
+
+def bundle_id(doc: dict, fallback_name: str = "bundle") -> str:
+    name = str(doc.get("name") or fallback_name)
+    return f"{name}-{manifest_digest(doc)[:8]}"
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -118,10 +142,9 @@ def _references(root: Path, doc: dict, n_features: int, n_classes: int, where: P
                            where=where)
 
 
-def load_bundle(root: str | Path) -> Bundle:
-    """Read and verify a bundle. Every mismatch is a :class:`BundleError` naming file, field and values."""
-    root = Path(root)
-    where = root / MANIFEST
+def read_manifest(root: str | Path) -> dict:
+    """``manifest.json`` parsed (nothing checked yet)."""
+    where = Path(root) / MANIFEST
     if not where.is_file():
         raise BundleMissingError(f"{where}: no manifest; build a bundle with `make convert` or point "
                                  "[model] dir in the config at one")
@@ -129,6 +152,16 @@ def load_bundle(root: str | Path) -> Bundle:
         doc = json.loads(where.read_text())
     except (OSError, ValueError) as exc:
         raise BundleError(f"{where}: not valid JSON ({exc}); restore it or rebuild with `make convert`") from exc
+    if not isinstance(doc, dict):
+        raise BundleError(f"{where}: not a JSON object; restore it or rebuild with `make convert`")
+    return doc
+
+
+def load_bundle(root: str | Path) -> Bundle:
+    """Read and verify a bundle. Every mismatch is a :class:`BundleError` naming file, field and values."""
+    root = Path(root)
+    where = root / MANIFEST
+    doc = read_manifest(root)
     if _get(doc, "schema", where) != SCHEMA:
         raise BundleError(f"{where}: schema is {doc['schema']!r}, this device reads schema {SCHEMA}; "
                           "update the device software or rebuild the bundle")

@@ -10,6 +10,7 @@ prefixes, no timestamps, when run under systemd).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -98,13 +99,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _open_classifier(cfg: config_mod.Config) -> Any:
-    from device.bundle import load_bundle
-    from device.classifier import Classifier
+    from device.install import verify_bundle
 
     res = config_mod.resolve(cfg)
-    bundle = load_bundle(res.model_dir)
-    return Classifier.open(bundle, num_threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu,
-                           rbc_diameter_px=cfg.camera.rbc_diameter_px)
+    return verify_bundle(res.model_dir, res.keys_dir, require_signature=cfg.model.require_signature,
+                         threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu, references=False,
+                         rbc_diameter_px=cfg.camera.rbc_diameter_px).classifier
 
 
 def classify_one(clf: Any, path: Path, cfg: config_mod.Config) -> dict[str, Any]:
@@ -162,11 +162,14 @@ def sample_label(path: Path, classes: Sequence[str]) -> str | None:
 def cmd_selftest(args: argparse.Namespace) -> int:
     from device.bundle import load_bundle
     from device.classifier import Classifier
+    from device.signing import verify_signature
     from device.sources import list_images
     from device.store import ResultStore
 
     cfg = _load_config(args.config)
     res = config_mod.resolve(cfg)
+    if args.bundle:
+        res = dataclasses.replace(res, model_dir=Path(args.bundle).resolve())
     problems: list[str] = []
 
     def check(name: str, fn: Any) -> Any:
@@ -185,9 +188,18 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     print(f"# config {cfg.path or 'built-in defaults'}; model {res.model_dir}", flush=True)
     holder: dict[str, Any] = {}
 
+    def signature() -> str:
+        try:
+            return verify_signature(res.model_dir, res.keys_dir).describe() + f" (trusted keys in {res.keys_dir})"
+        except ScreenError as exc:
+            if cfg.model.require_signature:
+                raise
+            return f"NOT verified, allowed by require_signature = false: {exc}"
+    check("signature", signature)
+
     def verify_bundle() -> str:
         b = holder["bundle"] = load_bundle(res.model_dir)
-        return f"{b.name}: every sha256 matches, {len(b.classes)} classes, input {b.input.size} px"
+        return f"{b.id}: every sha256 matches, {len(b.classes)} classes, input {b.input.size} px"
     check("bundle", verify_bundle)
     bundle = holder.get("bundle")
     if bundle is not None:
@@ -310,6 +322,46 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         _load_config(str(cfg.path))  # the file must still be valid
         print(f"wrote [camera] rbc_diameter_px = {cal.rbc_diameter_px:.2f} to {cfg.path}; restart the service",
               flush=True)
+
+
+def _switch_command(args: argparse.Namespace, action: str) -> int:
+    from device import install
+
+    cfg = _load_config(args.config)
+    res = config_mod.resolve(cfg)
+    verify = install.Verifier(res.keys_dir, threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu)
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    if action == "install":
+        done = install.install_bundle(Path(args.path), res.bundles_dir, res.factory_dir, verify, progress=say)
+    else:
+        done = install.rollback(res.bundles_dir, res.factory_dir, verify, progress=say)
+    for line in done.checks:
+        say(f"ok   {line}")
+    say(f"active:   {done.active}  ({done.active_dir})")
+    say(f"previous: {done.previous or '-'}  (`python -m device rollback` returns to it)")
+    say("service: " + ("not restarted (--no-restart)" if args.no_restart else install.restart_service()))
+    return EXIT_OK
+
+
+def cmd_install_bundle(args: argparse.Namespace) -> int:
+    return _switch_command(args, "install")
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    return _switch_command(args, "rollback")
+
+
+def cmd_bundles(args: argparse.Namespace) -> int:
+    from device.install import installed
+
+    res = config_mod.resolve(_load_config(args.config))
+    st = installed(res.bundles_dir, res.factory_dir)
+    print(f"active:   {st.active}  ({st.active_dir}{', factory bundle' if st.factory else ''})")
+    print(f"previous: {st.previous or '-'}" + (f"  ({st.previous_dir})" if st.previous_dir else ""))
+    print(f"trusted keys: {res.keys_dir}")
     return EXIT_OK
 
 
@@ -337,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         fn=cmd_check_config)
     s = with_config(sub.add_parser("selftest", help="verify bundle, samples, storage, LEDs and camera"))
     s.add_argument("--samples", metavar="DIR", help="labelled sample images (default: device/samples)")
+    s.add_argument("--bundle", metavar="DIR", help="check this bundle folder instead of the configured one")
     s.add_argument("--min-accuracy", type=float, default=0.5,
                    help="fail if fewer samples than this share are labelled as their name says (default 0.5)")
     s.add_argument("--max-lsb", type=int, default=MAX_LSB, metavar="N",
@@ -348,6 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--frames", type=int, default=12, help="camera frames to measure (default 12)")
     cal.add_argument("--write", action="store_true", help="write the result into the --config file")
     cal.set_defaults(fn=cmd_calibrate)
+    i = with_config(sub.add_parser("install-bundle", help="verify a signed bundle (e.g. on a USB stick), install "
+                                                          "it, switch to it, keep the current one for rollback"))
+    i.add_argument("path", metavar="PATH", help="the bundle folder (holding manifest.json and manifest.sig)")
+    i.add_argument("--no-restart", action="store_true", help="do not restart the systemd service afterwards")
+    i.set_defaults(fn=cmd_install_bundle)
+    r = with_config(sub.add_parser("rollback", help="return to the bundle that was active before the last install"))
+    r.add_argument("--no-restart", action="store_true", help="do not restart the systemd service afterwards")
+    r.set_defaults(fn=cmd_rollback)
+    with_config(sub.add_parser("bundles", help="show the active and previous bundle")).set_defaults(fn=cmd_bundles)
     return p
 
 

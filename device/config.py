@@ -57,9 +57,18 @@ def _range(lo: float | None = None, hi: float | None = None) -> dict:
 class ModelConfig:
     """``[model]``: which bundle to load and how to run it."""
 
+    #: The factory bundle: used until ``python -m device install-bundle`` has installed one.
     dir: Path = Path("models")
     threads: int = field(default=4, metadata=_range(1, 16))
     use_edgetpu: bool = True
+    #: Installed bundles and the ``active``/``previous`` pointers. "" = ``bundles`` in the state dir.
+    bundles_dir: Path | None = None
+    #: Trusted public keys (``*.pub``). "" = ``$CONFIGURATION_DIRECTORY/keys`` under systemd
+    #: (/etc/leukoscreen/keys), else ``device/config/keys`` in the checkout.
+    keys_dir: Path | None = None
+    #: Refuse to start on a bundle without a valid signature from a trusted key. ``install-bundle`` always
+    #: requires one; false is for development only.
+    require_signature: bool = True
 
 
 @dataclass(frozen=True)
@@ -401,6 +410,16 @@ def default_state_dir(env: dict[str, str] | None = None) -> Path:
     return PROJECT_ROOT / "state"
 
 
+def default_keys_dir(env: dict[str, str] | None = None) -> Path:
+    """``$CONFIGURATION_DIRECTORY/keys`` (systemd's ConfigurationDirectory=: /etc/leukoscreen/keys), else the
+    checkout's ``device/config/keys`` (the project's public signing key)."""
+    env = os.environ if env is None else env
+    cd = env.get("CONFIGURATION_DIRECTORY", "")
+    if cd:
+        return Path(cd.split(":")[0]) / "keys"
+    return PACKAGE_DIR / "config" / "keys"
+
+
 @dataclass(frozen=True)
 class Resolved:
     """The concrete choices made from a config on this machine."""
@@ -409,7 +428,10 @@ class Resolved:
     on_pi: bool
     source: str  # "picamera2" | "replay" | "files" | "synthetic"
     mock_gpio: bool
-    model_dir: Path
+    model_dir: Path  # the bundle to run: the installed active one, else [model] dir
+    factory_dir: Path  # [model] dir
+    bundles_dir: Path
+    keys_dir: Path
     replay_dir: Path
     files: tuple[Path, ...]
     state_dir: Path
@@ -423,8 +445,14 @@ def resolve(cfg: Config, *, on_pi: bool | None = None, env: dict[str, str] | Non
         source = "picamera2" if on_pi else "replay"
     mock = {"auto": not on_pi, "yes": True, "no": False}[cfg.gpio.mock]
     state = resolve_path(cfg.store.state_dir) if cfg.store.state_dir is not None else default_state_dir(env)
+    from device.install import active_bundle
+
+    factory = resolve_path(cfg.model.dir)
+    bundles = resolve_path(cfg.model.bundles_dir) if cfg.model.bundles_dir is not None else state / "bundles"
+    keys = resolve_path(cfg.model.keys_dir) if cfg.model.keys_dir is not None else default_keys_dir(env)
     return Resolved(config=cfg, on_pi=on_pi, source=source, mock_gpio=mock,
-                    model_dir=resolve_path(cfg.model.dir), replay_dir=resolve_path(cfg.camera.replay_dir),
+                    model_dir=active_bundle(bundles) or factory, factory_dir=factory, bundles_dir=bundles,
+                    keys_dir=keys, replay_dir=resolve_path(cfg.camera.replay_dir),
                     files=tuple(resolve_path(f) for f in cfg.camera.files), state_dir=state)
 
 

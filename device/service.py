@@ -47,6 +47,7 @@ from device.bundle import Bundle
 from device.classifier import Classifier
 from device.config import Config
 from device.errors import CameraError, ScreenError, StoreError
+from device.install import Installed
 from device.leds import V_ALL, V_BENIGN, V_REFER, V_RETAKE, AlertInputs, LedDriver, Pattern, alert_state
 from device.notify import Notifier
 from device.preprocess import Prepared, load_image
@@ -237,9 +238,12 @@ class Service:
     def __init__(self, config: Config, *, bundle: Bundle, classifier: Classifier, store: ResultStore,
                  source_factory: Callable[[], FrameSource] | None, source_kind: str = "camera",
                  leds: LedDriver | None = None, notifier: Notifier | None = None, token: str = "",
-                 state_dir: Path | None = None, clock: Callable[[], float] = time.monotonic):
+                 state_dir: Path | None = None, clock: Callable[[], float] = time.monotonic,
+                 installed: Installed | None = None):
         self.config = config
         self.bundle, self.classifier, self.store = bundle, classifier, store
+        #: What the operator panel shows: the installed (active) and previous bundle.
+        self.installed = installed
         self.token = token
         self.source_factory, self.source_kind = source_factory, source_kind
         self.leds, self.notifier = leds, notifier or Notifier(address="")
@@ -607,7 +611,8 @@ class Service:
         frame = staged.frame
         return FieldResult(time=frame.t, status=status, label=label, all=bool(is_all), confidence=float(conf),
                            scores=scores, reason=reason, quality=q, timings=timings,
-                           model_sha256=self.bundle.model_sha256, source=staged.source, name=frame.name,
+                           model_sha256=self.bundle.model_sha256, bundle=self.bundle.id, source=staged.source,
+                           name=frame.name,
                            slide_id=slide_id, distance=dist, p_all=p_all)
 
     def _commit(self, result: FieldResult, staged: _Staged) -> FieldResult:
@@ -844,7 +849,10 @@ class Service:
                 "faults": [f.to_dict() for f in self._faults.values()],
                 "model": {"name": self.bundle.name, "sha256": self.bundle.model_sha256,
                           "classes": list(self.bundle.classes), "benign": self.bundle.benign,
-                          "input_size": self.bundle.input.size},
+                          "input_size": self.bundle.input.size, "bundle": self.bundle.id},
+                "bundles": (self.installed.to_dict() if self.installed is not None
+                            else {"active": self.bundle.id, "active_dir": str(self.bundle.root), "factory": True,
+                                  "previous": None, "previous_dir": None}),
                 "runtime": getattr(model, "runtime", None),
                 "delegate": getattr(model, "delegate", None),
                 "inference_ms": {"p50": _pct(inv, 50), "p95": _pct(inv, 95), "n": len(inv)},

@@ -43,7 +43,13 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "results.sqlite3"
 IMAGES = "images"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: What an older database is brought up to, one step per version (each in one transaction).
+MIGRATIONS = {
+    # 1 -> 2: every result names the bundle (<name>-<sha8>) that produced it; older rows keep NULL ("unknown").
+    2: ("ALTER TABLE fields ADD COLUMN bundle TEXT",),
+}
+UNKNOWN_BUNDLE = "unknown"
 STATUSES = ("ok", "retake", "refer")
 
 _SCHEMA = """
@@ -71,7 +77,8 @@ CREATE TABLE IF NOT EXISTS fields (
     distance REAL,
     p_all REAL,
     image TEXT,
-    image_pruned INTEGER NOT NULL DEFAULT 0
+    image_pruned INTEGER NOT NULL DEFAULT 0,
+    bundle TEXT
 );
 CREATE INDEX IF NOT EXISTS fields_time ON fields (time);
 CREATE INDEX IF NOT EXISTS fields_slide ON fields (slide_id, id);
@@ -94,6 +101,7 @@ class FieldResult:
     quality: Quality
     timings: dict[str, float]  # ms per stage: capture, quality, preprocess, invoke, head, store
     model_sha256: str
+    bundle: str | None = None  # <name>-<sha8> of the bundle that produced it; None: recorded before bundles were named
     source: str = "camera"  # "camera" | "replay" | "files" | "synthetic" | "upload"
     name: str = ""  # frame or file name
     slide_id: str | None = None
@@ -214,16 +222,37 @@ class ResultStore:
                 raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode}); put the state folder on a "
                                  "local file system (not NFS or a FAT stick)")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise StoreError(f"{self.path}: database schema {row[0]}, this software writes {SCHEMA_VERSION}; "
-                                 "move the file aside (results stay readable with sqlite3) and restart")
+            self._open_schema()
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
         self._image_bytes, self._image_count = self._clean_images()
+
+    def _open_schema(self) -> None:
+        """Create a new database, or bring an older one up to :data:`SCHEMA_VERSION` (rows are kept)."""
+        has_fields = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'fields'").fetchone() is not None
+        if not has_fields:
+            self._db.executescript(_SCHEMA)
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        version = int(row[0]) if row is not None else (SCHEMA_VERSION if not has_fields else 1)
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: database schema {version}, this software writes {SCHEMA_VERSION}; "
+                             "update the device software, or move the file aside (results stay readable with "
+                             "sqlite3) and restart")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql in MIGRATIONS[target]:
+                    self._db.execute(sql)
+                self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (str(target),))
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._rollback()
+                raise
+            log.info("%s: database schema %d -> %d", self.path, target - 1, target)
+        self._db.executescript(_SCHEMA)  # indexes (IF NOT EXISTS)
+        if row is None:
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     # -- errors -------------------------------------------------------------------------------------------
 
@@ -406,13 +435,13 @@ class ResultStore:
             row = (result.time, result.slide_id, result.source, result.name, result.status, result.label,
                    int(bool(result.all)), float(result.confidence), json.dumps(result.scores), result.reason,
                    json.dumps(result.quality.to_dict()), json.dumps(timings), result.model_sha256,
-                   result.distance, result.p_all, rel)
+                   result.distance, result.p_all, rel, result.bundle)
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 cur = self._db.execute(
                     "INSERT INTO fields (time, slide_id, source, name, status, label, is_all, confidence, scores,"
-                    " reason, quality, timings, model_sha256, distance, p_all, image)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                    " reason, quality, timings, model_sha256, distance, p_all, image, bundle)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
@@ -468,14 +497,14 @@ class ResultStore:
     @staticmethod
     def _from_row(r: sqlite3.Row | tuple) -> FieldResult:
         (id_, t, slide_id, source, name, status, label, is_all, confidence, scores, reason, quality, timings,
-         sha, distance, p_all, image) = r
+         sha, distance, p_all, image, bundle) = r
         return FieldResult(time=t, status=status, label=label, all=bool(is_all), confidence=confidence,
                            scores=json.loads(scores), reason=reason, quality=Quality.from_dict(json.loads(quality)),
-                           timings=json.loads(timings), model_sha256=sha, source=source, name=name,
+                           timings=json.loads(timings), model_sha256=sha, bundle=bundle, source=source, name=name,
                            slide_id=slide_id, distance=distance, p_all=p_all, image=image, id=id_)
 
     _COLS = ("id, time, slide_id, source, name, status, label, is_all, confidence, scores, reason, quality, timings,"
-             " model_sha256, distance, p_all, image")
+             " model_sha256, distance, p_all, image, bundle")
 
     def _read(self, sql: str, args: Any = ()) -> list[tuple]:
         with self._lock:
@@ -547,7 +576,7 @@ class ResultStore:
         header = ["id", "time", "slide_id", "source", "name", "status", "label", "all", "confidence", "reason",
                   *[f"p_{c}" for c in classes], "distance", "p_all", "sharpness", "brightness", "clipped",
                   "stained", "capture_ms", "quality_ms", "preprocess_ms", "invoke_ms", "head_ms", "store_ms",
-                  "model_sha256", "image"]
+                  "model_sha256", "bundle", "image"]
         yield _csv_line(header)
         for r in self.iter_results(filters):
             q = r.quality
@@ -560,7 +589,7 @@ class ResultStore:
                              f"{q.brightness:.2f}", f"{q.clipped:.4f}", f"{q.stained:.4f}",
                              *[f"{t[k]:.2f}" if k in t else "" for k in
                                ("capture", "quality", "preprocess", "invoke", "head", "store")],
-                             r.model_sha256, r.image or ""])
+                             r.model_sha256, r.bundle or UNKNOWN_BUNDLE, r.image or ""])
 
     def stats(self) -> StoreStats:
         with self._lock:

@@ -5,7 +5,8 @@
 #
 # Creates the `leukoscreen` system user (groups video and gpio), copies this checkout to /opt/leukoscreen,
 # builds a venv there with --system-site-packages (so apt's picamera2 and lgpio are visible), installs
-# .[device] into it, puts the default config in /etc/leukoscreen/config.toml (kept if present), runs the
+# .[device] into it, puts the default config in /etc/leukoscreen/config.toml (kept if present) and the trusted
+# bundle keys in /etc/leukoscreen/keys, installs the technician's command /usr/local/sbin/leukoscreen, runs the
 # self-test as the service user, then installs, enables and starts leukoscreen.service.
 #
 # Environment: PREFIX (default /opt/leukoscreen); PIP_OPTS, e.g. "--no-index --find-links /media/wheels"
@@ -28,9 +29,9 @@ command -v systemctl >/dev/null || die "systemd is required"
 [ -f "$SRC/device/cli.py" ] || die "$SRC does not look like a LeukoScreen checkout"
 
 if [ "${SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
-  say "apt: python3-venv, python3-picamera2, python3-lgpio"
-  apt-get install -y --no-install-recommends python3-venv python3-picamera2 python3-lgpio \
-    || die "apt-get failed; install python3-venv python3-picamera2 python3-lgpio by hand, or SKIP_APT=1"
+  say "apt: python3-venv, python3-picamera2, python3-lgpio, python3-cryptography"
+  apt-get install -y --no-install-recommends python3-venv python3-picamera2 python3-lgpio python3-cryptography \
+    || die "apt-get failed; install python3-venv python3-picamera2 python3-lgpio python3-cryptography by hand, or SKIP_APT=1"
 fi
 
 say "user $SERVICE_USER"
@@ -68,6 +69,13 @@ if [ ! -f "$CONF_DIR/config.toml" ]; then
 fi
 "$PREFIX/.venv/bin/python" -m device check-config --config "$CONF_DIR/config.toml" >/dev/null \
   || die "$CONF_DIR/config.toml is not valid (see above)"
+say "trusted bundle keys $CONF_DIR/keys (existing keys are kept)"
+install -d -m 0755 "$CONF_DIR/keys"
+for k in "$PREFIX"/device/config/keys/*.pub; do
+  [ -e "$k" ] || continue
+  [ -e "$CONF_DIR/keys/$(basename "$k")" ] || install -m 0644 "$k" "$CONF_DIR/keys/"
+done
+install -m 0755 "$PREFIX/systemd/leukoscreen" /usr/local/sbin/leukoscreen
 install -d -o "$SERVICE_USER" -g "$SERVICE_USER" -m 0750 "$STATE_DIR"
 
 if systemctl is-active --quiet "$UNIT"; then
@@ -77,7 +85,7 @@ fi
 
 if [ "${SKIP_SELFTEST:-0}" != 1 ]; then
   say "self-test as $SERVICE_USER (watch the LEDs: green, amber, red)"
-  (cd "$PREFIX" && runuser -u "$SERVICE_USER" -- env STATE_DIRECTORY="$STATE_DIR" \
+  (cd "$PREFIX" && runuser -u "$SERVICE_USER" -- env STATE_DIRECTORY="$STATE_DIR" CONFIGURATION_DIRECTORY="$CONF_DIR" \
     "$PREFIX/.venv/bin/python" -m device selftest --config "$CONF_DIR/config.toml") \
     || die "self-test failed (see above); fix it, or SKIP_SELFTEST=1 to install anyway"
 fi

@@ -9,6 +9,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "all-aria"
+#: Trusted keys for the tests: the fixture bundle is signed with the TEST-ONLY key here (never trust it on a box).
+TEST_KEYS = FIXTURES / "keys"
+TEST_KEY = TEST_KEYS / "TEST-ONLY-signing-key.pem"
+
+
+def resign(bundle: Path) -> None:
+    """Sign a test bundle's manifest as it is now with the TEST-ONLY key (what the signer does after a rebuild)."""
+    from device.signing import sign_bundle
+
+    sign_bundle(bundle, TEST_KEY)
 
 
 @pytest.fixture(scope="session")

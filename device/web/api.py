@@ -25,7 +25,7 @@ from flask import Blueprint, Response, abort, current_app, jsonify, render_templ
 from PIL import Image
 
 from device.errors import ImageError, ScreenError, StoreError
-from device.store import STATUSES, FieldResult, Filters, iso
+from device.store import STATUSES, UNKNOWN_BUNDLE, FieldResult, Filters, iso
 
 log = logging.getLogger(__name__)
 
@@ -380,11 +380,15 @@ def slide_report(slide_id: str):
     v = service.slide_verdict(row.id)
     bundle = service.bundle
     models = sorted({f.model_sha256 for f in fields})
+    per_bundle: dict[str, int] = {}
+    for f in fields:
+        per_bundle[f.bundle or UNKNOWN_BUNDLE] = per_bundle.get(f.bundle or UNKNOWN_BUNDLE, 0) + 1
     html = render_template(
         "report.html", slide=row, fields=fields, verdict=v,
         verdict_text=VERDICT_TEXT.get(v.verdict, v.verdict) if v else "—",
         classes=bundle.classes, benign=bundle.benign, model_name=bundle.name, model_sha256=bundle.model_sha256,
         other_models=[m for m in models if m != bundle.model_sha256], local=_local_time, iso=iso,
+        bundle_id=bundle.id, field_bundles=sorted(per_bundle.items()),
         generated=time.time(), hostname=socket.gethostname(), is_open=row.ended is None,
         thresholds=bundle.thresholds)
     resp = Response(html, mimetype="text/html")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from device.cli import main, sample_label
+from tests.conftest import TEST_KEYS
 from tests.device.proc import DeviceProc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,11 +21,14 @@ TINY = ROOT / "tests" / "fixtures" / "bundle"
 REAL = ROOT / "models"
 
 
+
+
 def write_config(tmp: Path, model: Path = TINY, **extra: str) -> Path:
     cfg = tmp / "config.toml"
     cfg.write_text(f"""
 [model]
 dir = "{model}"
+keys_dir = "{TEST_KEYS}"
 threads = 1
 use_edgetpu = false
 [camera]

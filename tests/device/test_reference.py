@@ -15,6 +15,7 @@ from device.cli import main
 from device.errors import BundleError
 from device.preprocess import load_image
 from device.reference import EXPECTED_FILE, MAX_LSB, check_references
+from tests.conftest import resign
 from tests.device.test_cli import write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,13 +29,14 @@ def _copy(tiny_bundle, tmp: Path) -> Path:
 
 
 def _rehash(root: Path, rel: str) -> None:
-    """Make the manifest agree with an edited file (what a careless rebuild would do)."""
+    """Make the manifest agree with an edited file, and sign it (what a careless rebuild would do)."""
     doc = json.loads((root / "manifest.json").read_text())
     sec = doc["references"]
     for e in [sec["expected"], *sec["images"]]:
         if e["path"] == rel:
             e["sha256"] = sha256_file(root / rel)
     (root / "manifest.json").write_text(json.dumps(doc, indent=1))
+    resign(root)
 
 
 def _tamper(root: Path, *, lsb: int = 0, status: str | None = None) -> None:
@@ -120,6 +122,7 @@ def test_an_older_bundle_without_references_loads_and_selftest_says_so(tmp_path,
     doc = json.loads((root / "manifest.json").read_text())
     del doc["references"]
     (root / "manifest.json").write_text(json.dumps(doc))
+    resign(root)
     shutil.rmtree(root / "references")
     bundle = load_bundle(root)
     assert bundle.references is None

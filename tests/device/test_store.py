@@ -3,9 +3,11 @@ never records, queries, slides, CSV, and storage failures as StoreError."""
 
 from __future__ import annotations
 
+import csv
 import io
 import sqlite3
 import time
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +205,55 @@ def test_frozen_result_to_dict_is_json_ready(store: ResultStore) -> None:
     r = store.record(result(1), np.zeros((64, 64, 3), np.uint8))
     d = json.loads(json.dumps(r.to_dict()))
     assert d["id"] == 1 and d["quality"]["ok"] is True and d["time_iso"].endswith("Z")
+
+
+# the schema before results named their bundle (version 1), as an old box's database has it
+_SCHEMA_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE slides (id TEXT PRIMARY KEY, started REAL NOT NULL, ended REAL);
+CREATE TABLE fields (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, slide_id TEXT, source TEXT NOT NULL, name TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'retake', 'refer')), label TEXT, is_all INTEGER NOT NULL,
+    confidence REAL NOT NULL, scores TEXT NOT NULL, reason TEXT NOT NULL, quality TEXT NOT NULL, timings TEXT NOT NULL,
+    model_sha256 TEXT NOT NULL, distance REAL, p_all REAL, image TEXT, image_pruned INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO meta VALUES ('schema', '1');
+"""
+
+
+def test_an_old_database_opens_its_rows_say_unknown_bundle_and_new_rows_name_theirs(tmp_path: Path) -> None:
+    import json
+
+    db = sqlite3.connect(tmp_path / "results.sqlite3")
+    db.executescript(_SCHEMA_V1)
+    q = result(0).quality.to_dict()
+    db.execute("INSERT INTO fields (time, source, name, status, label, is_all, confidence, scores, reason, quality,"
+               " timings, model_sha256) VALUES (1.0, 'camera', 'old.jpg', 'ok', 'Pro-B', 1, 0.9, '{}', '', ?, '{}',"
+               " 'abc')", (json.dumps(q),))
+    db.commit()
+    db.close()
+    s = ResultStore(tmp_path, save_images=False)
+    try:
+        old = s.query()[0]
+        assert old.name == "old.jpg" and old.bundle is None
+        new = s.record(dataclasses_replace(result(1), bundle="tiny-1a2b3c4d"))
+        assert s.get(new.id).bundle == "tiny-1a2b3c4d"
+        rows = list(csv.DictReader(io.StringIO("".join(s.csv_rows()))))
+        assert [r["bundle"] for r in rows] == ["unknown", "tiny-1a2b3c4d"]
+        assert s.integrity_check() == "ok"
+    finally:
+        s.close()
+    db = sqlite3.connect(tmp_path / "results.sqlite3")
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == "2"
+    db.close()
+    ResultStore(tmp_path, save_images=False).close()  # opening again is a no-op
+
+
+def test_a_database_from_newer_software_is_refused_untouched(tmp_path: Path) -> None:
+    ResultStore(tmp_path, save_images=False).close()
+    db = sqlite3.connect(tmp_path / "results.sqlite3")
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="schema 99.*update the device software"):
+        ResultStore(tmp_path, save_images=False)

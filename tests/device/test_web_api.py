@@ -160,6 +160,8 @@ def test_status_reports_the_running_loop(client, service: Service, decisive_bund
     st = client.get("/api/status").get_json()
     assert st["ready"] is True and st["faults"] == []
     assert st["model"]["name"] == decisive_bundle.name and st["model"]["sha256"] == decisive_bundle.model_sha256
+    assert st["model"]["bundle"] == decisive_bundle.id == f"{decisive_bundle.name}-{decisive_bundle.digest[:8]}"
+    assert st["bundles"]["active"] == decisive_bundle.id and st["bundles"]["previous"] is None  # the operator panel
     assert st["runtime"] and st["delegate"]
     assert st["inference_ms"]["p50"] > 0 and st["inference_ms"]["p95"] >= st["inference_ms"]["p50"]
     assert st["fields"] >= len(sample_paths) and st["db_bytes"] > 0 and st["disk_free_bytes"] > 0
@@ -315,6 +317,7 @@ def test_slide_report_is_printable_html(client, service: Service, decisive_bundl
     html = r.get_data(as_text=True)
     fields = service.store.slide_fields(slide_id)
     assert slide_id in html and decisive_bundle.model_sha256 in html and decisive_bundle.name in html
+    assert f"{decisive_bundle.id} ({len(fields)} fields)" in html  # the bundle that produced the fields
     assert "confirmed by" in html and "haematologist" in html
     assert html.count('class="field-row') == len(fields) > 0  # one row per field
     for f in fields:
@@ -336,6 +339,7 @@ def test_csv_export(client, sample_verdicts, decisive_bundle: Bundle) -> None:
     for row in rows:
         v = by_name[row["name"]]
         assert row["status"] == v.status and (row["label"] or None) == v.label
+        assert row["bundle"] == decisive_bundle.id
         for c in decisive_bundle.classes:
             assert float(row[f"p_{c}"]) == pytest.approx(v.scores[c], abs=1e-4)
     one = decisive_bundle.classes[0]

@@ -265,7 +265,8 @@ def toml_value(v: Any) -> str:
 def config_text(state: Path, model: Path = TINY, **sections: dict) -> str:
     """A complete run config (tiny bundle, replay, mock GPIO, free port) with ``sections`` merged in."""
     doc: dict[str, dict] = {
-        "model": {"dir": str(model), "threads": 1, "use_edgetpu": False},
+        # the bundle checks here run on copies corrupted without re-signing (signatures: tests/device/test_install.py)
+        "model": {"dir": str(model), "threads": 1, "use_edgetpu": False, "require_signature": False},
         "camera": {"source": "replay", "replay_dir": str(SAMPLES), "interval_ms": 0, "read_timeout_s": 5.0},
         "trigger": {"mode": "continuous", "interval_ms": 0, "change_threshold": 0.0},
         "gpio": {"mock": "yes", "bounce_ms": 0},

@@ -349,11 +349,16 @@
     var box = $("health");
     clear(box);
     var model = s.model || {};
+    var bundles = s.bundles || {};
     var inf = s.inference_ms || {};
     var images = s.images || {};
     var rows = [
       ["Model", model.name, null, null, "model"],
       ["Model sha256", (model.sha256 || "").slice(0, 16) + "…", "mono", model.sha256, "sha256"],
+      ["Bundle", (model.bundle || bundles.active) + (bundles.factory ? " (factory)" : ""), "mono",
+        bundles.active_dir, "bundle"],
+      ["Previous bundle", bundles.previous ? bundles.previous + " (rollback returns to it)" : null, "mono",
+        bundles.previous_dir, "previous-bundle"],
       ["Runtime", s.runtime, null, null, "runtime"],
       ["Delegate", s.delegate || "none (CPU)", null, null, "delegate"],
       ["Inference median", fixed(inf.p50, 1, " ms"), null, null, "p50"],
