@@ -126,7 +126,7 @@ def _verified(root: Path, entry: dict, key: str, where: Path) -> Path:
     return path
 
 
-def _references(root: Path, doc: dict, n_features: int, n_classes: int, where: Path) -> References | None:
+def _references(root: Path, doc: dict, n_classes: int, where: Path) -> References | None:
     """The optional ``references`` section: every image and the expected values, sha256-verified."""
     sec = doc.get("references")
     if sec is None:
@@ -138,8 +138,7 @@ def _references(root: Path, doc: dict, n_features: int, n_classes: int, where: P
     except (KeyError, TypeError) as exc:
         raise BundleError(f"{where}: section 'references' lacks {exc}; rebuild it with "
                           "`python -m convert references`") from exc
-    return read_references(root, images, expected, n_features=n_features, n_classes=n_classes, made_on=made_on,
-                           where=where)
+    return read_references(root, images, expected, n_classes=n_classes, made_on=made_on, where=where)
 
 
 def read_manifest(root: str | Path) -> dict:
@@ -200,7 +199,7 @@ def load_bundle(root: str | Path) -> Bundle:
                                    float(_get(doc, "slide.field_sensitivity", where)),
                                    float(_get(doc, "slide.duplicate_similarity", where))), manifest=doc,
                   edgetpu_friendly_path=friendly,
-                  references=_references(root, doc, n_features, len(classes), where))
+                  references=_references(root, doc, len(classes), where))
 
 
 def side_px(bundle: Bundle, camera_rbc_diameter_px: float) -> float | None:
