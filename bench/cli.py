@@ -25,7 +25,9 @@ from bench import report
 log = logging.getLogger("bench")
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("bare", "ops", "micro", "loop", "page", "startup", "memory", "compute")
+#: results.json key of a section, where it is not the section's name
+KEYS = {"page": "page_load", "burst": "page_burst"}
+SECTIONS = ("bare", "ops", "micro", "loop", "page", "burst", "startup", "memory", "compute")
 
 
 def cpu_model() -> str:
@@ -79,10 +81,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def plan(quick: bool) -> dict:
     if quick:
         return dict(bare_s=1.0, micro_s=0.5, loop_fields=30, loop_warm=3, loop_blocks=2, page_warm=5,
-                    page_phase_s=2.5, page_pairs=1, startup_runs=1,
+                    page_phase_s=2.5, page_pairs=1, bursts=1, burst_idle_s=1.0, startup_runs=1,
                     mem_warm=20, mem_fields=100, timeout=120.0, op_runs=5)
     return dict(bare_s=8.0, micro_s=2.0, loop_fields=150, loop_warm=3, loop_blocks=5, page_warm=10,
-                page_phase_s=6.0, page_pairs=3, startup_runs=3,
+                page_phase_s=6.0, page_pairs=3, bursts=3, burst_idle_s=2.0, startup_runs=3,
                 mem_warm=100, mem_fields=1000, timeout=300.0, op_runs=20)
 
 
@@ -145,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         log.info("%s ...", name)
         try:
-            results[name if name != "page" else "page_load"] = fn()
+            results[KEYS.get(name, name)] = fn()
         except Exception as exc:  # one broken section must not hide the others
             log.error("%s failed: %s", name, exc)
             if args.verbose:
                 traceback.print_exc()
-            results[name if name != "page" else "page_load"] = {"error": f"{type(exc).__name__}: {exc}"}
+            results[KEYS.get(name, name)] = {"error": f"{type(exc).__name__}: {exc}"}
         log.info("%s done in %.1f s", name, time.perf_counter() - t0)
 
     def bare() -> dict:
@@ -217,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                                       pairs=P["page_pairs"], warm=P["page_warm"],
                                       timeout=time_left(P["timeout"]))
 
+    def burst() -> dict:
+        return loop_mod.run_page_burst(bundle, clf, args.threads, size=200, bursts=P["bursts"],
+                                       idle_s=P["burst_idle_s"], warm=P["page_warm"], timeout=time_left(P["timeout"]))
+
     def startup() -> dict:
         from bench import proc
 
@@ -253,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 "edgetpu_friendly_model": bundle.edgetpu_friendly_path is not None,
                 "estimates": macs_mod.estimates(total, ops_mod.param_bytes(etpu_source))}
 
-    for name, fn in (("bare", bare), ("ops", ops), ("micro", micro), ("loop", loop), ("page", page),
+    for name, fn in (("bare", bare), ("ops", ops), ("micro", micro), ("loop", loop), ("page", page), ("burst", burst),
                      ("startup", startup), ("memory", memory), ("compute", compute)):
         section(name, fn)
 

@@ -343,9 +343,14 @@ def micro(classifier: Classifier, frames: list[np.ndarray], label: str, seconds:
 # -- page load --------------------------------------------------------------------------------------------------------
 
 
-def run_page_load(bundle: Bundle, classifier: Classifier, threads: int, *, clients: int, interval_s: float,
-                  phase_s: float, paths: tuple[str, ...], warm: int, timeout: float, pairs: int = 3) -> dict:
-    """Replay loop with the real web page on 127.0.0.1; ``pairs`` x (idle, load) phases of ``phase_s`` each."""
+def _under_page(bundle: Bundle, classifier: Classifier, threads: int, *, warm: int, timeout: float, pairs: int,
+                idle_s: float, load: Callable[[str], tuple[dict, float, float]], idle_last: bool = False
+                ) -> tuple[list[tuple[str, float, float]], list[dict], list] | dict:
+    """The replay loop with the real web page on 127.0.0.1, ``pairs`` x (idle, load) phases (and an idle one last).
+
+    ``load(url)`` runs one load phase and returns (its stats, start, end in epoch s). Returns the phases, the
+    load stats and the loop's records, or ``{"error": ...}``.
+    """
     from device import web
 
     with tempfile.TemporaryDirectory(prefix="bench-page-") as tmp:
@@ -356,40 +361,51 @@ def run_page_load(bundle: Bundle, classifier: Classifier, threads: int, *, clien
         svc.start()
         server = web.serve(svc, "127.0.0.1", 0)
         phases: list[tuple[str, float, float]] = []
-        client_stats: list[dict] = []
+        stats: list[dict] = []
         try:
             if not wait_for(lambda: len(store.recs) >= warm, timeout):
                 return {"error": f"the loop recorded only {len(store.recs)} fields in {timeout:.0f} s"}
             url = f"http://127.0.0.1:{server.port}"
-            for name in ("idle", "load") * pairs:
+            for name in ("idle", "load") * pairs + (("idle",) if idle_last else ()):
                 if name == "idle":
                     t0 = time.time()
-                    time.sleep(phase_s)
+                    time.sleep(idle_s)
                     phases.append((name, t0, time.time()))
                 else:
-                    stats, t0, t1 = _clients(url, clients, interval_s, phase_s, paths)
-                    client_stats.append(stats)
+                    st, t0, t1 = load(url)
+                    stats.append(st)
                     phases.append((name, t0, t1))
         finally:
             server.close()
             svc.stop()
             leds.close()
             store.close()
-        recs = store.snapshot()
+        return phases, stats, store.snapshot()
 
-    def period(kind: str) -> tuple[float | None, int]:
-        spans, n = 0.0, 0
-        for name, t0, t1 in phases:
-            if name != kind:
-                continue
-            ts = [r.frame_t for r in recs if t0 <= r.frame_t <= t1]
-            if len(ts) >= 2:
-                spans += ts[-1] - ts[0]
-                n += len(ts) - 1
-        return (spans / n * 1000 if n else None), n
 
-    idle, n_idle = period("idle")
-    load, n_load = period("load")
+def _period(phases: list[tuple[str, float, float]], recs: list, kind: str) -> tuple[float | None, int]:
+    """Mean time per field (ms) over the phases of ``kind``: capture-time spans / intervals, and the intervals."""
+    spans, n = 0.0, 0
+    for name, t0, t1 in phases:
+        if name != kind:
+            continue
+        ts = [r.frame_t for r in recs if t0 <= r.frame_t <= t1]
+        if len(ts) >= 2:
+            spans += ts[-1] - ts[0]
+            n += len(ts) - 1
+    return (spans / n * 1000 if n else None), n
+
+
+def run_page_load(bundle: Bundle, classifier: Classifier, threads: int, *, clients: int, interval_s: float,
+                  phase_s: float, paths: tuple[str, ...], warm: int, timeout: float, pairs: int = 3) -> dict:
+    """Polling clients: ``pairs`` x (idle, load) phases of ``phase_s`` each."""
+    got = _under_page(bundle, classifier, threads, warm=warm, timeout=timeout, pairs=pairs, idle_s=phase_s,
+                      load=lambda url: _clients(url, clients, interval_s, phase_s, paths))
+    if isinstance(got, dict):
+        return got
+    phases, client_stats, recs = got
+    idle, n_idle = _period(phases, recs, "idle")
+    load, n_load = _period(phases, recs, "load")
     lat = [x for s in client_stats for x in s.get("latencies_ms", [])]
     reqs = sum(s.get("requests", 0) for s in client_stats)
     secs = sum(s.get("seconds", 0.0) for s in client_stats)
@@ -405,6 +421,39 @@ def run_page_load(bundle: Bundle, classifier: Classifier, threads: int, *, clien
         "latency_ms": {k: summary(lat)[k] for k in ("median", "p95")},
         "client_cpu_s": round(sum(s.get("cpu_s", 0.0) for s in client_stats), 2),
     }
+
+
+def run_page_burst(bundle: Bundle, classifier: Classifier, threads: int, *, size: int, bursts: int, idle_s: float,
+                   warm: int, timeout: float) -> dict:
+    """``bursts`` x (idle, burst of ``size`` concurrent GET /api/status), then idle: the loop's slow-down.
+
+    The reliability suite checks that every such request is answered and the loop goes on; how much slower it
+    goes is this figure (target 1.10), machine-dependent and so measured here rather than asserted in a test.
+    """
+    def burst(url: str) -> tuple[dict, float, float]:
+        port = url.rsplit(":", 1)[1]
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "bench.burst", port, str(size)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=timeout)
+        t1 = time.time()
+        if r.returncode != 0 or not r.stdout:
+            return {"error": f"burst client failed (exit {r.returncode}): {r.stderr.strip()[-300:]}"}, t0, t1
+        return json.loads(r.stdout), t0, t1
+
+    got = _under_page(bundle, classifier, threads, warm=warm, timeout=timeout, pairs=bursts, idle_s=idle_s,
+                      load=burst, idle_last=True)
+    if isinstance(got, dict):
+        return got
+    phases, stats, recs = got
+    if any(s.get("error") for s in stats):
+        return {"error": "; ".join(s["error"] for s in stats if s.get("error"))}
+    idle, n_idle = _period(phases, recs, "idle")
+    load, n_load = _period(phases, recs, "load")
+    return {"size": size, "bursts": bursts, "idle_s": idle_s, "idle_fields": n_idle, "burst_fields": n_load,
+            "idle_period_ms": round(idle, 3) if idle else None, "burst_period_ms": round(load, 3) if load else None,
+            "ratio": round(load / idle, 4) if idle and load else None,
+            "answered_200": sum(s.get("codes", {}).get("200", 0) for s in stats), "requests": size * bursts,
+            "burst_seconds": [s.get("seconds") for s in stats], "slowest_s": max(s.get("slowest", 0) for s in stats)}
 
 
 def _clients(url: str, clients: int, interval_s: float, seconds: float, paths: tuple[str, ...]

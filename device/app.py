@@ -200,7 +200,8 @@ def build(cfg: Config, *, on_pi: bool | None = None, notifier: Notifier | None =
     notifier = notifier or Notifier()
     notifier.status("loading the model")
     bundle = load_bundle(res.model_dir)
-    classifier = Classifier.open(bundle, num_threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu)
+    classifier = Classifier.open(bundle, num_threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu,
+                                 rbc_diameter_px=cfg.camera.rbc_diameter_px)
     log.info("model %s (%s…) on %s, %s", bundle.name, bundle.model_sha256[:12], classifier.model.delegate,
              classifier.model.runtime)
     store = open_store(res.state_dir, cfg.store)

@@ -16,17 +16,29 @@ from pathlib import Path
 from device.errors import BundleError, BundleMissingError
 from device.head import Head, load_head
 from device.preprocess import InputSpec
+from device.reference import References, read_references
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
+#: 2: out-of-distribution method in the head, benign threshold, field scale (RBC diameter) in the input.
+SCHEMA = 2
 MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    confidence: float  # below this the field is referred
+    """The decision thresholds, chosen by the toolchain on the validation split (see REPORT.md)."""
+
+    confidence: float  # an ALL subtype below this is referred
     all_probability: float  # P(ALL) above this raises the ALL alert even if the subtype is unsure
+    benign_confidence: float  # "Benign" needs this much: a missed ALL costs more than a referral
+
+
+@dataclass(frozen=True)
+class SlideModel:
+    field_false_alert: float  # P(ALL evidence | benign field), measured on held-out images
+    field_sensitivity: float  # P(ALL evidence | blast field)
+    duplicate_similarity: float  # fingerprints at least this similar are the same field
 
 
 @dataclass(frozen=True)
@@ -42,10 +54,17 @@ class Bundle:
     edgetpu_path: Path | None  # compiled by edgetpu_compiler: used only with the Edge TPU delegate
     head: Head
     thresholds: Thresholds
+    #: The training field of view: its side and the median red-cell diameter in it, in source pixels.
+    #: A calibrated camera (``[camera] rbc_diameter_px``) takes ``field_px * camera_d / rbc_diameter_px``.
+    field_px: float
+    rbc_diameter_px: float
+    #: Per-field rates for the slide rule and the near-duplicate similarity (``manifest.json`` ``slide``).
+    slide: SlideModel
     manifest: dict = field(repr=False, compare=False)
     # The uncompiled Edge-TPU-friendly graph (LeakyReLU rewritten; same calibration images as ``model_path``):
     # the input of ``edgetpu_compiler``. Never run on the CPU, where the rewrite costs ~4x the whole invoke.
     edgetpu_friendly_path: Path | None = None
+    references: References | None = field(default=None, repr=False, compare=False)  # None in older bundles
 
     @property
     def all_classes(self) -> tuple[str, ...]:
@@ -70,16 +89,33 @@ def _get(doc: dict, dotted: str, where: Path):
 
 
 def _verified(root: Path, entry: dict, key: str, where: Path) -> Path:
+    """The file ``entry`` names, after checking its sha256; ``key`` is the entry's place in the manifest."""
     path = root / entry["path"]
     if not path.is_file():
-        raise BundleMissingError(f"{path}: named by {where} (files.{key}) but missing; "
+        raise BundleMissingError(f"{path}: named by {where} ({key}) but missing; "
                                  "restore the models/ folder or rebuild it with `make convert`")
     got = sha256_file(path)
     if got != entry["sha256"]:
-        raise BundleError(f"{path}: sha256 is {got[:16]}..., {where} (files.{key}.sha256) says "
+        raise BundleError(f"{path}: sha256 is {got[:16]}..., {where} ({key}.sha256) says "
                           f"{entry['sha256'][:16]}...; the file is corrupt or from another build: "
                           "restore it or rebuild with `make convert`")
     return path
+
+
+def _references(root: Path, doc: dict, n_features: int, n_classes: int, where: Path) -> References | None:
+    """The optional ``references`` section: every image and the expected values, sha256-verified."""
+    sec = doc.get("references")
+    if sec is None:
+        return None
+    try:
+        images = [_verified(root, e, f"references.images[{i}]", where) for i, e in enumerate(sec["images"])]
+        expected = _verified(root, sec["expected"], "references.expected", where)
+        made_on = str(sec.get("made_on", "unknown"))
+    except (KeyError, TypeError) as exc:
+        raise BundleError(f"{where}: section 'references' lacks {exc}; rebuild it with "
+                          "`python -m convert references`") from exc
+    return read_references(root, images, expected, n_features=n_features, n_classes=n_classes, made_on=made_on,
+                           where=where)
 
 
 def load_bundle(root: str | Path) -> Bundle:
@@ -97,10 +133,10 @@ def load_bundle(root: str | Path) -> Bundle:
         raise BundleError(f"{where}: schema is {doc['schema']!r}, this device reads schema {SCHEMA}; "
                           "update the device software or rebuild the bundle")
     files = _get(doc, "files", where)
-    model = _verified(root, _get(doc, "files.model", where), "model", where)
-    edgetpu, friendly = (_verified(root, files[key], key, where) if key in files else None
+    model = _verified(root, _get(doc, "files.model", where), "files.model", where)
+    edgetpu, friendly = (_verified(root, files[key], f"files.{key}", where) if key in files else None
                          for key in ("edgetpu_model", "model_edgetpu_friendly"))
-    head_path = _verified(root, _get(doc, "files.head", where), "head", where)
+    head_path = _verified(root, _get(doc, "files.head", where), "files.head", where)
     head = load_head(head_path)
     classes = tuple(_get(doc, "classes", where))
     if head.classes != classes:
@@ -119,12 +155,26 @@ def load_bundle(root: str | Path) -> Bundle:
     inp = _get(doc, "input", where)
     spec = InputSpec(size=int(inp["size"]), scale=float(inp["scale"]), zero_point=int(inp["zero_point"]),
                      dtype=str(inp["dtype"]))
-    th = _get(doc, "thresholds", where)
     return Bundle(root=root, name=str(doc.get("name", root.name)), classes=classes, benign=benign, input=spec,
                   n_features=n_features, model_path=model, model_sha256=files["model"]["sha256"],
                   edgetpu_path=edgetpu, head=head,
-                  thresholds=Thresholds(float(th["confidence"]), float(th["all_probability"])), manifest=doc,
-                  edgetpu_friendly_path=friendly)
+                  thresholds=Thresholds(float(_get(doc, "thresholds.confidence", where)),
+                                        float(_get(doc, "thresholds.all_probability", where)),
+                                        float(_get(doc, "thresholds.benign_confidence", where))),
+                  field_px=float(_get(doc, "input.field_px", where)),
+                  rbc_diameter_px=float(_get(doc, "input.rbc_diameter_px", where)),
+                  slide=SlideModel(float(_get(doc, "slide.field_false_alert", where)),
+                                   float(_get(doc, "slide.field_sensitivity", where)),
+                                   float(_get(doc, "slide.duplicate_similarity", where))), manifest=doc,
+                  edgetpu_friendly_path=friendly,
+                  references=_references(root, doc, n_features, len(classes), where))
+
+
+def side_px(bundle: Bundle, camera_rbc_diameter_px: float) -> float | None:
+    """Side of the square a calibrated camera takes so cells appear at the training scale (None: uncalibrated)."""
+    if camera_rbc_diameter_px <= 0:
+        return None
+    return bundle.field_px * camera_rbc_diameter_px / bundle.rbc_diameter_px
 
 
 def check_model_matches(bundle: Bundle, input_spec: InputSpec, n_out: int, where: Path) -> None:

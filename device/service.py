@@ -45,14 +45,22 @@ import numpy as np
 from PIL import Image
 
 from device.bundle import Bundle
-from device.classifier import Classifier, Prepared
+from device.classifier import Classifier
 from device.config import Config
 from device.errors import CameraError, ScreenError, StoreError
 from device.leds import V_ALL, V_BENIGN, V_REFER, V_RETAKE, AlertInputs, LedDriver, Pattern, alert_state
 from device.notify import Notifier
-from device.preprocess import load_image
-from device.quality import Quality, assess, validate_frame
-from device.slides import FieldKey, SlideRules, SlideVerdict, aggregate, aggregate_tally, field_key
+from device.preprocess import Prepared, load_image
+from device.quality import Quality, gate, validate_frame
+from device.slides import (
+    Deduplicator,
+    FieldKey,
+    SlideRules,
+    SlideVerdict,
+    aggregate,
+    aggregate_tally,
+    field_key,
+)
 from device.sources import Frame, FrameSource, SourceExhausted
 from device.store import FieldResult, ResultStore
 
@@ -241,8 +249,9 @@ class Service:
         self.leds, self.notifier = leds, notifier or Notifier(address="")
         self.state_dir = Path(state_dir) if state_dir is not None else store.state_dir
         self.clock = clock
-        a = config.alerts
-        self.rules = SlideRules(a.all_fields, a.benign_fields, a.subtype_agreement, a.refer_fraction)
+        a, m = config.alerts, bundle.slide
+        self.rules = SlideRules(a.all_fields, a.benign_fields, a.subtype_agreement, a.refer_fraction,
+                                field_false_alert=m.field_false_alert, field_sensitivity=m.field_sensitivity)
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -259,6 +268,7 @@ class Service:
         self._slide_id: str | None = None
         self._slide_started: float | None = None
         self._slide_tally: Counter[FieldKey] = Counter()  # the open slide's fields, as counts
+        self._dedupe = Deduplicator(bundle.slide.duplicate_similarity)  # the open slide's recent fingerprints
         self._invoke_ms: deque[float] = deque(maxlen=200)
         self._field_ms: deque[float] = deque(maxlen=200)
         self._field_times: deque[float] = deque(maxlen=30)
@@ -539,13 +549,13 @@ class Service:
         """
         t0 = time.perf_counter()
         img = frame.analysis
-        q: Quality = assess(img, self.config.quality)
-        t1 = time.perf_counter()
-        prepared = self.classifier.prepare(img) if q.ok else None
-        timings = {"capture": round(capture_ms, 3), "quality": round((t1 - t0) * 1000, 3)}
-        if prepared is not None:
-            timings["preprocess"] = round(prepared.preprocess_ms, 3)
-        return _Staged(frame, source, q, prepared, timings, t0 - capture_ms / 1000.0)
+        side = self.classifier.side_px  # calibrated in main-stream pixels; the analysis image may be smaller
+        if side is not None and img is not frame.array:
+            side *= img.shape[1] / frame.array.shape[1]
+        timings = {"capture": round(capture_ms, 3)}
+        prepared, q = gate(img, self.classifier.model.input_spec.size, self.config.quality, side_px=side,
+                           timings=timings)
+        return _Staged(frame, source, q, prepared if q.ok else None, timings, t0 - capture_ms / 1000.0)
 
     def _classify_and_commit(self, staged: _Staged, *, wait: bool = False) -> FieldResult | None:
         """Infer here (screening thread), then hand the result to the recorder; ``wait`` for its commit."""
@@ -577,6 +587,7 @@ class Service:
     def _infer(self, staged: _Staged) -> FieldResult:
         """The interpreter's part (screening thread only): invoke, head, decision; the result is not recorded."""
         q, timings = staged.quality, dict(staged.timings)
+        fingerprint = None
         if staged.prepared is None:
             status, label, is_all, conf, scores, reason = "retake", None, False, 0.0, {}, q.reason
             dist = p_all = None
@@ -589,12 +600,16 @@ class Service:
             self._clear_fault("inference")
             v = timed.verdict
             status, label, is_all, conf, scores, reason = v.status, v.label, v.all, v.confidence, v.scores, v.reason
-            dist, p_all = v.distance, v.p_all
+            dist, p_all, fingerprint = v.distance, v.p_all, timed.fingerprint
             timings.update(invoke=round(timed.invoke_ms, 3), head=round(timed.head_ms, 3))
             with self._lock:
                 self._invoke_ms.append(timed.invoke_ms)
         is_camera = staged.source != "upload"
         slide_id = self._ensure_slide() if is_camera else None
+        if slide_id is not None and fingerprint is not None and not self._dedupe.is_new(fingerprint):
+            # Refocusing or re-panning over one area: recorded, but no new evidence for the slide verdict.
+            slide_id = None
+            reason = (reason + "; " if reason else "") + "same area as an earlier field of the slide: not counted again"
         frame = staged.frame
         return FieldResult(time=frame.t, status=status, label=label, all=bool(is_all), confidence=float(conf),
                            scores=scores, reason=reason, quality=q, timings=timings,
@@ -647,6 +662,7 @@ class Service:
             return None
         with self._lock:
             self._slide_id, self._slide_started, self._slide_tally = sid, time.time(), Counter()
+            self._dedupe.reset()
             self._bump()
         log.info("slide %s started", sid)
         return sid
@@ -657,6 +673,7 @@ class Service:
         sid = self.store.start_slide()
         with self._lock:
             self._slide_id, self._slide_started, self._slide_tally = sid, time.time(), Counter()
+            self._dedupe.reset()
             self._bump()
         log.info("slide %s started", sid)
         return sid
@@ -673,7 +690,7 @@ class Service:
             self.store.end_slide(sid)
         except StoreError as exc:
             self._set_fault("storage", str(exc))
-        v = aggregate_tally(fields, self.bundle.benign, self.rules, self.bundle.classes)
+        v = aggregate_tally(fields, self.bundle.benign, self.rules, self.bundle.classes, closed=True)
         log.info("slide %s ended: %s%s (%s)", sid, v.verdict, f" {v.subtype}" if v.subtype else "", v.reason)
         return sid
 
@@ -689,9 +706,11 @@ class Service:
         with self._lock:
             if slide_id == self._slide_id:
                 return aggregate_tally(self._slide_tally, self.bundle.benign, self.rules, self.bundle.classes)
-        if self.store.slide(slide_id) is None:
+        slide = self.store.slide(slide_id)
+        if slide is None:
             return None
-        return aggregate(self.store.slide_fields(slide_id), self.bundle.benign, self.rules, self.bundle.classes)
+        return aggregate(self.store.slide_fields(slide_id), self.bundle.benign, self.rules, self.bundle.classes,
+                         closed=slide.ended is not None)
 
     # -- commands --------------------------------------------------------------------------------------------
 

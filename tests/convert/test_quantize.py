@@ -35,7 +35,7 @@ def test_decisions_that_differ_are_counted(tiny_bundle, smear_dir) -> None:
     from device.inference import TFLiteModel
 
     head = dataclasses.replace(tiny_bundle.head, ood_threshold=1e9)  # every field gets its top label
-    decisive = Thresholds(confidence=0.0, all_probability=1.1)
+    decisive = Thresholds(confidence=0.0, all_probability=1.1, benign_confidence=0.0)
     model = TFLiteModel(tiny_bundle.model_path, num_threads=1, use_edgetpu=False)
     size = tiny_bundle.input.size
     paths = [sorted(d.iterdir())[0] for d in sorted(smear_dir.iterdir())]  # one image per class

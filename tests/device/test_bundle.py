@@ -20,6 +20,7 @@ def with_friendly_graph(src: Path, dst: Path, *, corrupt: bool = False) -> Path:
     shutil.copytree(src, dst)
     doc = json.loads((dst / MANIFEST).read_text())
     friendly = dst / "darknet19_int8_edgetpu_friendly.tflite"
+    friendly.unlink(missing_ok=True)
     shutil.copyfile(dst / doc["files"]["model"]["path"], friendly)
     doc["files"]["model_edgetpu_friendly"] = {"path": friendly.name, "sha256": sha256_file(friendly),
                                               "bytes": friendly.stat().st_size}
@@ -31,9 +32,13 @@ def with_friendly_graph(src: Path, dst: Path, *, corrupt: bool = False) -> Path:
     return dst
 
 
-def test_an_old_bundle_without_the_second_graph_loads(tiny_bundle_dir: Path) -> None:
-    b = load_bundle(tiny_bundle_dir)
-    assert "model_edgetpu_friendly" not in b.manifest["files"]
+def test_a_bundle_without_the_second_graph_loads(tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "cpu-only"
+    shutil.copytree(tiny_bundle_dir, dst)
+    doc = json.loads((dst / MANIFEST).read_text())
+    (dst / doc["files"].pop("model_edgetpu_friendly")["path"]).unlink()
+    (dst / MANIFEST).write_text(json.dumps(doc, indent=1))
+    b = load_bundle(dst)
     assert b.edgetpu_friendly_path is None and b.edgetpu_path is None
 
 

@@ -5,9 +5,9 @@ Checks what a technician relies on: a verdict with score bars appears, the slide
 grows without a reload (live events), the page's own buttons work with the token, the page raises no
 script or CSP errors, and a screenshot is saved to ``build/screenshots/`` for people to look at.
 
-Chromium is a system package that ``.ci/run`` installs (``apt-get install chromium``). A missing browser
-is a failure, not a skip, so CI cannot silently stop checking the page; set ``LEUKO_NO_BROWSER=1`` to skip
-on purpose.
+Chromium is a system package that ``make test`` installs (``tools/preflight.sh``: apt, or the command to
+run). A missing browser is a failure, not a skip, so CI cannot silently stop checking the page; set
+``LEUKO_NO_BROWSER=1`` to skip on purpose.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def browser():
         pytest.skip("LEUKO_NO_BROWSER=1: the browser test of the status page was skipped on request")
     if not CHROMIUM.exists():
         pytest.fail(f"Debian's Chromium is not installed ({CHROMIUM} is missing), so the status page cannot be "
-                    "checked in a browser. Run `.ci/run` (it installs it) or `sudo apt-get install -y chromium`; "
+                    "checked in a browser. Run `make test` (it installs it where it may) or "
+                    "`sudo apt-get install -y chromium`; "
                     "set LEUKO_NO_BROWSER=1 to skip this test on purpose.", pytrace=False)
     try:
         from playwright.sync_api import sync_playwright

@@ -119,6 +119,7 @@ def test_a_camera_failing_mid_run_is_a_fault_then_recovers_by_itself(mode: str, 
     cam.mode = mode
     opens_before = len(cam.opens)
     assert wait(lambda: svc.status()["counts"]["camera_errors"] >= 5, 30), svc.status()
+    svc.acknowledge()  # an ALL verdict's alarm outranks the fault pattern; the fault is what is watched here
     t_fault = time.monotonic()
     fields_at_fault = h.store.count()
     pings_at_fault = notify_socket.lines().count("WATCHDOG=1")
@@ -175,17 +176,14 @@ class HangingClassifier:
         self.gate.set()
         self.stuck = threading.Event()
 
-    def prepare(self, frame):
-        return self.inner.prepare(frame)
+    def __getattr__(self, name: str):  # everything but infer is the real classifier's
+        return getattr(self.inner, name)
 
     def infer(self, prepared):  # the interpreter's part wedges, as a driver or delegate would
         if not self.gate.is_set():
             self.stuck.set()
             self.gate.wait(60)
         return self.inner.infer(prepared)
-
-    def classify(self, frame):
-        return self.infer(self.prepare(frame))
 
 
 def test_a_hung_loop_stops_pinging_the_watchdog_while_the_page_answers(harness, decisive_classifier, sample_frame,

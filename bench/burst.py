@@ -1,6 +1,7 @@
-"""``python tests/reliability/http_burst.py PORT N [PATH]``: N concurrent GETs to 127.0.0.1:PORT, all opened at
-once (asyncio, one connection each, ``Connection: close``); prints one JSON line: status codes, errors,
-bad bodies, wall time and the slowest request. A separate process, like the page's real clients."""
+"""``python -m bench.burst PORT N [PATH]``: N concurrent GETs to 127.0.0.1:PORT, all opened at once (asyncio,
+one connection each, ``Connection: close``); prints one JSON line: status codes, errors, bad bodies, wall time
+and the slowest request. A separate process, like the page's real clients. ``make bench`` (section ``burst``)
+measures the loop's slow-down under these bursts; the reliability suite checks that every request is answered."""
 
 from __future__ import annotations
 
