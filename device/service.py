@@ -32,6 +32,7 @@ import logging
 import queue
 import shutil
 import statistics
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -192,6 +193,9 @@ class _Staged:
 SKIPPED = "skipped"  # the frames thread's answer for an unchanged field
 #: Results classified but not yet committed: the recorder may lag the model by this many before the loop waits.
 MAX_UNCOMMITTED = 2
+#: The loop's three threads (and the page's) pass the GIL around several times per field; at Python's default
+#: 5 ms a busy thread can keep the screening thread waiting that long after an invoke returns.
+SWITCH_INTERVAL_S = 0.001
 
 
 class _Worker:
@@ -300,6 +304,8 @@ class Service:
                 log.info("closed %d slide(s) left open by the last run: %s", len(closed), ", ".join(closed))
         except StoreError as exc:
             self._set_fault("storage", str(exc))
+        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._frames, self._recorder = _Worker("frames"), _Worker("recorder")
         self._thread = threading.Thread(target=self._run, name="screening", daemon=True)
         self._thread.start()

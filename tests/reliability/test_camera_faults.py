@@ -176,14 +176,14 @@ class HangingClassifier:
         self.gate.set()
         self.stuck = threading.Event()
 
-    def __getattr__(self, name: str):  # everything but classify is the real classifier's
+    def __getattr__(self, name: str):  # everything but infer is the real classifier's
         return getattr(self.inner, name)
 
-    def classify(self, frame):
+    def infer(self, prepared):  # the interpreter's part wedges, as a driver or delegate would
         if not self.gate.is_set():
             self.stuck.set()
             self.gate.wait(60)
-        return self.inner.classify(frame)
+        return self.inner.infer(prepared)
 
 
 def test_a_hung_loop_stops_pinging_the_watchdog_while_the_page_answers(harness, decisive_classifier, sample_frame,
