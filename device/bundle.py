@@ -107,7 +107,7 @@ def _verified(root: Path, entry: dict, key: str, where: Path) -> Path:
     return path
 
 
-def _references(root: Path, doc: dict, n_features: int, n_classes: int, where: Path) -> References | None:
+def _references(root: Path, doc: dict, n_classes: int, where: Path) -> References | None:
     """The optional ``references`` section: every image and the expected values, sha256-verified."""
     sec = doc.get("references")
     if sec is None:
@@ -119,8 +119,7 @@ def _references(root: Path, doc: dict, n_features: int, n_classes: int, where: P
     except (KeyError, TypeError) as exc:
         raise BundleError(f"{where}: section 'references' lacks {exc}; rebuild it with "
                           "`python -m convert references`") from exc
-    return read_references(root, images, expected, n_features=n_features, n_classes=n_classes, made_on=made_on,
-                           where=where)
+    return read_references(root, images, expected, n_classes=n_classes, made_on=made_on, where=where)
 
 
 def read_manifest(root: str | Path) -> dict:
@@ -174,7 +173,7 @@ def load_bundle(root: str | Path) -> Bundle:
                   n_features=n_features, model_path=model, model_sha256=files["model"]["sha256"],
                   edgetpu_path=edgetpu, head=head,
                   thresholds=Thresholds(float(th["confidence"]), float(th["all_probability"])), manifest=doc,
-                  references=_references(root, doc, n_features, len(classes), where))
+                  references=_references(root, doc, len(classes), where))
 
 
 def check_model_matches(bundle: Bundle, input_spec: InputSpec, n_out: int, where: Path) -> None:

@@ -75,9 +75,13 @@ def write_expected(path: Path, *, names: list[str], sources: list[str], classes:
                  status=np.array([v.status for v in verdicts]), label=np.array([v.label or "" for v in verdicts]))
 
 
-def read_references(root: Path, images: list[Path], expected: Path, *, n_features: int, n_classes: int,
-                    made_on: str, where: Path) -> References:
-    """Read ``expected`` (already sha256-verified) and match it to the verified image files."""
+def read_references(root: Path, images: list[Path], expected: Path, *, n_classes: int, made_on: str,
+                    where: Path) -> References:
+    """Read ``expected`` (already sha256-verified) and match it to the verified image files.
+
+    The feature length is checked against the loaded model in :func:`check_references`, so a bundle whose
+    model and manifest disagree is still refused with the model's own message, when the model is opened.
+    """
     try:
         with np.load(expected, allow_pickle=False) as z:
             arr = {k: z[k] for k in _ARRAYS}
@@ -90,10 +94,10 @@ def read_references(root: Path, images: list[Path], expected: Path, *, n_feature
         raise BundleError(f"{expected}: names {names} differ from the images {where} (references.images) lists; "
                           "rebuild the references with `python -m convert references`")
     fq, probs = arr["features_q"], arr["probs"]
-    if fq.dtype != np.int8 or fq.shape != (n, n_features) or probs.shape != (n, n_classes):
+    if fq.dtype != np.int8 or fq.ndim != 2 or fq.shape[0] != n or probs.shape != (n, n_classes):
         raise BundleError(f"{expected}: features {fq.dtype}{fq.shape} / probabilities {probs.shape}, expected "
-                          f"int8({n}, {n_features}) / ({n}, {n_classes}) for this model; the references come from "
-                          "another build: rebuild them with `python -m convert references`")
+                          f"int8({n}, F) / ({n}, {n_classes}) for this bundle; the references come from another "
+                          "build: rebuild them with `python -m convert references`")
     return References(images=tuple(images), sources=tuple(str(s) for s in arr["sources"]),
                       classes=tuple(str(s) for s in arr["classes"]), features_q=fq, probs=probs,
                       decisions=tuple(decision(str(s), str(lb) or None) for s, lb in zip(arr["status"], arr["label"])),
@@ -143,6 +147,11 @@ def check_references(bundle: Bundle, classifier: Classifier, *, max_lsb: int = M
     if refs is None or len(refs) == 0:
         raise BundleError(f"{bundle.root}: no reference images in this bundle; rebuild it with `make convert` "
                           "or add them with `python -m convert references`")
+    n_out = classifier.model.output_spec.size
+    if refs.features_q.shape[1] != n_out:
+        raise BundleError(f"{bundle.root / EXPECTED_FILE}: reference features have "
+                          f"{refs.features_q.shape[1]} values, the model gives {n_out}; the references come from "
+                          "another build: rebuild them with `python -m convert references`")
     got_q, got_p, mismatches = [], [], []
     for i, path in enumerate(refs.images):
         try:

@@ -141,12 +141,21 @@ pip_passthrough() {  # local wheel folders / file:// indexes of this machine's p
   [ -z "$links" ] && links=$("$HOST_PY" -m pip config get global.find-links 2>/dev/null || true)
   local found_links=() found_extra=()
   for d in $links; do [ -d "$d" ] && { bind "$d" "$d" ro; found_links+=("$d"); }; done
-  for d in $extra; do
-    case "$d" in file://*) local p=${d#file://}; [ -d "$p" ] && { bind "$p" "$p" ro; found_extra+=("$d"); } ;; esac
+  for d in $extra; do  # a file:// index's pages link to ../../files/...: bind the folder above .../simple
+    case "$d" in file://*)
+      local p=${d#file://}; p=${p%/}; [ "$(basename "$p")" = simple ] && p=$(dirname "$p")
+      [ -d "$p" ] && { bind "$p" "$p" ro; found_extra+=("$d"); } ;;
+    esac
   done
   [ ${#found_links[@]} -gt 0 ] && ENV_IN+=("PIP_FIND_LINKS=${found_links[*]}")
   [ ${#found_extra[@]} -gt 0 ] && ENV_IN+=("PIP_EXTRA_INDEX_URL=${found_extra[*]}")
-  say "pip: PyPI + local ${found_links[*]:-} ${found_extra[*]:-} (cache $PIP_CACHE)"
+  # a network whose TLS proxy needs this machine's CA bundle (pip's own certifi does not have it)
+  local cert=${PIP_CERT:-$("$HOST_PY" -m pip config get global.cert 2>/dev/null || true)}
+  if [ -n "$cert" ] && [ -f "$cert" ]; then
+    cp "$cert" "$RUN/etc/host-ca-bundle.crt"
+    ENV_IN+=(PIP_CERT=/etc/host-ca-bundle.crt)
+  fi
+  say "pip: PyPI + local ${found_links[*]:-} ${found_extra[*]:-} (cache $PIP_CACHE)${cert:+, CA bundle $cert}"
 }
 
 json_result() { "$HOST_PY" -c 'import json,sys; print(json.dumps(dict(a.split("=",1) for a in sys.argv[1:]), indent=1))' "$@" >"$RESULT"; }
@@ -177,7 +186,9 @@ run_amd64() {
                    nice -n 19 make test' >>"$LOG" 2>&1
   test_rc=$?
   set -e
-  summary=$(grep -E '^=+ .*(passed|failed|error).* in [0-9.]+s' "$LOG" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
+  summary=$(grep -E '^=+ .*(passed|failed|error).* in [0-9.]+s' "$LOG" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//' ||
+            true)
+  [ -n "$summary" ] || summary="no pytest summary (see the log)"
   porcelain=$(in_root git -C /root/leukoscreen status --porcelain 2>&1 || true)
   say "   make test exit $test_rc: $summary"
   say "   git status --porcelain after make test: ${porcelain:-(empty)}"
@@ -245,7 +256,8 @@ print(f"{same}/{len(a)}" if len(a)==len(b) and a else "0/0")' "$out/classify-x86
   set -e
   say "   classify decisions identical: $cls; samples' features: $cmp"
   read -r max_lsb frac prob agree n <<<"$("$HOST_PY" -c 'import json,sys; d=json.loads(sys.argv[1])
-print(d["max_lsb"], d["fraction_values_differing"], d["max_prob_diff"], d["decisions_identical"], d["images"])' "$cmp")"
+print(d["max_lsb"], d["fraction_values_differing"], d["max_prob_diff"], d["decisions_identical"], d["images"])' \
+    "$cmp" || echo "- - - - -")"
   pass=FAIL
   if [ $install_rc -eq 0 ] && [ $selftest_rc -eq 0 ] && [ $classify_rc -eq 0 ] && [ $dump_rc -eq 0 ] &&
      [ "$agree" = "$n" ] && [ "$cls" = "$n/$n" ] && [[ "$refline" == ok* ]]; then pass=PASS; fi

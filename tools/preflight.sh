@@ -4,6 +4,7 @@
 # runs (the Python dependencies take minutes to install; finding out after them is worse).
 #
 #   chromium      /usr/bin/chromium, for the browser test of the status page (LEUKO_NO_BROWSER=1 skips that test)
+#   libatomic1    libatomic.so.1, which Playwright's bundled node driver loads (Chromium does not pull it in)
 #   python3-venv  `python3 -m venv` for the .venv (Debian splits ensurepip out of python3); only before .venv exists
 #
 # Environment: PY (python3), VENV (.venv), LEUKO_NO_BROWSER.
@@ -13,6 +14,9 @@ VENV=${VENV:-.venv}
 need=()
 if [ "${LEUKO_NO_BROWSER:-}" != 1 ] && [ ! -x /usr/bin/chromium ]; then
   need+=(chromium)
+fi
+if [ "${LEUKO_NO_BROWSER:-}" != 1 ] && ! { PATH=$PATH:/sbin:/usr/sbin ldconfig -p 2>/dev/null | grep -q 'libatomic\.so\.1 '; }; then
+  need+=(libatomic1)
 fi
 if [ ! -x "$VENV/bin/python" ] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
   need+=(python3-venv)
