@@ -27,7 +27,7 @@ log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parent.parent
 #: results.json key of a section, where it is not the section's name
 KEYS = {"page": "page_load", "burst": "page_burst"}
-SECTIONS = ("bare", "micro", "loop", "page", "burst", "startup", "memory", "compute")
+SECTIONS = ("bare", "ops", "micro", "loop", "page", "burst", "startup", "memory", "compute")
 
 
 def cpu_model() -> str:
@@ -82,10 +82,10 @@ def plan(quick: bool) -> dict:
     if quick:
         return dict(bare_s=1.0, micro_s=0.5, loop_fields=30, loop_warm=3, loop_blocks=2, page_warm=5,
                     page_phase_s=2.5, page_pairs=1, bursts=1, burst_idle_s=1.0, startup_runs=1,
-                    mem_warm=20, mem_fields=100, timeout=120.0)
+                    mem_warm=20, mem_fields=100, timeout=120.0, op_runs=5)
     return dict(bare_s=8.0, micro_s=2.0, loop_fields=150, loop_warm=3, loop_blocks=5, page_warm=10,
                 page_phase_s=6.0, page_pairs=3, bursts=3, burst_idle_s=2.0, startup_runs=3,
-                mem_warm=100, mem_fields=1000, timeout=300.0)
+                mem_warm=100, mem_fields=1000, timeout=300.0, op_runs=20)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"meta": {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
         "bundle": {"dir": os.path.relpath(bundle_dir, ROOT), "name": bundle.name, "input_size": bundle.input.size,
-                   "model_sha256": bundle.model_sha256, "model_bytes": bundle.model_path.stat().st_size},
+                   "model_sha256": bundle.model_sha256, "model_bytes": bundle.model_path.stat().st_size,
+                   "model_op_types": (bundle.manifest.get("quantization") or {}).get("op_types"),
+                   "edgetpu_friendly_graph": bundle.edgetpu_friendly_path is not None,
+                   "edgetpu_compiled_graph": bundle.edgetpu_path is not None,
+                   "metrics": bundle.manifest.get("metrics")},
         "threads": args.threads, "runtime": clf.model.runtime, "quick": args.quick, "sections": wanted,
         "versions": {d: _version(d) for d in ("ai-edge-litert", "onnxruntime", "numpy", "pillow", "flask",
                                                "waitress")}},
@@ -158,26 +162,55 @@ def main(argv: list[str] | None = None) -> int:
 
     def micro() -> dict:
         samples = [np.asarray(load_image(p), dtype=np.uint8) for p in sample_paths]
+        cam = loop_mod.camera_frames()
         return {"samples": loop_mod.micro(clf, samples, "replay samples", P["micro_s"]),
-                "camera": loop_mod.micro(clf, loop_mod.camera_frames(), "camera-size frames", P["micro_s"])}
+                "camera": loop_mod.micro(clf, cam, "camera-size frames", P["micro_s"]),
+                "camera_lores": loop_mod.micro(clf, loop_mod.lores_frames(cam, bundle.input.size),
+                                               "camera lores stream", P["micro_s"])}
 
     def loop() -> dict:
-        out = {}
-        for src in ("replay", "camera"):
-            out[src] = loop_mod.run_loop(bundle, clf, args.threads, source=src, fields=P["loop_fields"],
-                                         warm=P["loop_warm"], blocks=P["loop_blocks"], bare_s=P["bare_s"],
-                                         timeout=time_left(P["timeout"]))
+        out: dict = {}
+
+        def run(classifier, threads: int, src: str) -> dict:
+            return loop_mod.run_loop(bundle, classifier, threads, source=src, fields=P["loop_fields"],
+                                     warm=P["loop_warm"], blocks=P["loop_blocks"], bare_s=P["bare_s"],
+                                     timeout=time_left(P["timeout"]))
+
+        for src in loop_mod.LOOP_SOURCES:
+            out[src.replace("-", "_")] = run(clf, args.threads, src)
+        if args.threads > 1:  # does one interpreter thread fewer, leaving a core to the other stages, help?
+            fewer = Classifier.open(bundle, num_threads=args.threads - 1, use_edgetpu=False)
+            out["fewer_threads"] = {"threads": args.threads - 1}
+            for src in loop_mod.LOOP_SOURCES:
+                key = src.replace("-", "_")
+                r = run(fewer, args.threads - 1, src)
+                base = out[key]
+                if not r.get("error") and not base.get("error"):
+                    r["period_vs_all_threads"] = round(r["period_median_ms"] / base["period_median_ms"], 4)
+                    r["period_vs_bare_all_threads"] = round(r["period_median_ms"] / base["bare_invoke_median_ms"], 4)
+                out["fewer_threads"][key] = r
         out["notes"] = [
-            "Time per field = interval between consecutive frame captures; stages from the Service's own per-field "
-            "timings plus a timed ResultStore.record and LedDriver.show (MockFactory pins); 'other' = the rest "
-            "(change-detection thumbnail, reader thread hand-off, status bookkeeping, publishing).",
-            "'inference' is Classifier's span: quantize + invoke + dequantize. 'record' includes encoding the frame "
-            "as a JPEG (store.save_images = true, the shipped default) and the SQLite commit (synchronous=FULL).",
+            "Time per field = interval between consecutive frame captures. The loop is a pipeline: the frames "
+            "thread captures, gates (quality) and prepares the next frame and the recorder thread commits and then "
+            "shows the last result while the screening thread runs the model, so only inference, head and 'other' "
+            "(hand-offs, waiting, losing the cores to the other threads) make up the period; the other stages' "
+            "medians are listed as overlapped, their share = their summed time / the summed period.",
+            "'inference' = invoke + dequantize (quantizing the input is in 'preprocess'). 'record' includes encoding "
+            "the frame as a JPEG (store.save_images = true, the shipped default) and the SQLite commit "
+            "(synchronous=FULL).",
             "Bare invoke = the same TFLiteModel object called directly (set input, invoke, read output), in "
             f"{P['loop_blocks'] + 1} segments interleaved with {P['loop_blocks']} loop blocks (a fresh Service each, "
             f"{P['loop_warm']} untimed fields first), so drift on a shared machine hits both figures alike.",
         ]
         return out
+
+    def ops() -> dict:
+        from bench import ops as ops_mod
+
+        graphs = [("cpu", bundle.model_path)]
+        if bundle.edgetpu_friendly_path is not None:
+            graphs.append(("edgetpu_friendly", bundle.edgetpu_friendly_path))
+        return {key: ops_mod.graph_profile(path, args.threads, P["op_runs"]) for key, path in graphs}
 
     def page() -> dict:
         return loop_mod.run_page_load(bundle, clf, args.threads, clients=args.clients,
@@ -203,25 +236,30 @@ def main(argv: list[str] | None = None) -> int:
 
     def compute() -> dict:
         from bench import macs as macs_mod
+        from bench import ops as ops_mod
+        from bench.peers import INT8_NAME
 
         rows = macs_mod.graph_macs(bundle.model_path)
         total = int(sum(r.macs for r in rows))
         bare_models = (results.get("bare") or {}).get("models") or []
-        inv = next((m["median_ms"] for m in bare_models if m["name"].startswith("int8")), None)
+        inv = next((m["median_ms"] for m in bare_models if m["name"] == INT8_NAME), None)
         if inv is None:  # bare section skipped: time the model here
             from bench.loop import bare_invoke
             from bench.stats import summary
 
             inv = summary(bare_invoke(clf.model, model_rgb[0], P["bare_s"]))["median"]
         top = sorted(rows, key=lambda r: -r.macs)[:3]
+        etpu_source = bundle.edgetpu_friendly_path or bundle.model_path  # same parameters, other activation ops
         return {"macs": total, "gmacs": round(total / 1e9, 4), "counted_ops": len(rows),
                 "model": bundle.model_path.name,
                 "int8_invoke_median_ms": inv, "achieved_gmac_s": round(total / (inv / 1000) / 1e9, 2),
                 "largest_ops": [{"op": r.op, "output": r.output_shape, "weights": r.weight_shape, "macs": r.macs}
                                 for r in top],
-                "edgetpu_model": bundle.edgetpu_path is not None, "estimates": macs_mod.estimates(total)}
+                "edgetpu_model": bundle.edgetpu_path is not None,
+                "edgetpu_friendly_model": bundle.edgetpu_friendly_path is not None,
+                "estimates": macs_mod.estimates(total, ops_mod.param_bytes(etpu_source))}
 
-    for name, fn in (("bare", bare), ("micro", micro), ("loop", loop), ("page", page), ("burst", burst),
+    for name, fn in (("bare", bare), ("ops", ops), ("micro", micro), ("loop", loop), ("page", page), ("burst", burst),
                      ("startup", startup), ("memory", memory), ("compute", compute)):
         section(name, fn)
 

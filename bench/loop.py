@@ -6,14 +6,22 @@ its dependencies: a :class:`ResultStore` that times ``record`` and a
 :class:`LedDriver` (on gpiozero's ``MockFactory``) that times ``show``. The
 rest of each field's stages come from the timings the Service itself records
 (capture, quality, preprocess, invoke, head). Time per field is the interval
-between consecutive frame captures (``Frame.t``): everything the loop does
-for one field, including change detection and publishing.
+between consecutive frame captures (``Frame.t``).
 
-Two sources: the replay of ``device/samples`` (224 px JPEGs decoded on every
-read, as ``make run`` does) and an in-memory camera stand-in that hands out
+The loop is a pipeline (``device.service``): capture, quality and
+preprocessing of the next frame (frames thread) and the record of the last
+one (recorder thread) run while the screening thread invokes the model. So
+a field's period is the screening thread's inference + head + whatever the
+hand-offs and the other threads' competition for the cores add ("other");
+the overlapped stages are listed with their own medians.
+
+Sources: the replay of ``device/samples`` (224 px JPEGs decoded on every
+read, as ``make run`` does); an in-memory camera stand-in that hands out
 pre-made 1014x760 frames (the default camera size) the way a camera driver
 hands out buffers, so crop/resize, the quality gate and the JPEG kept per
-field cost what they will cost with the eyepiece camera.
+field cost what they will cost with the eyepiece camera; and the same with a
+model-size second stream per frame, as picamera2's low-resolution stream
+gives it on the Pi (scaled by the ISP there; made in advance here, untimed).
 """
 
 from __future__ import annotations
@@ -52,7 +60,12 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "device" / "samples"
 CAMERA_SIZE = config_mod.CameraConfig().size  # (1014, 760): what the eyepiece camera streams
-STAGES = ("capture", "quality", "preprocess", "inference", "head", "record", "leds", "other")
+#: On the screening thread, one after another: their shares of the period add up to 1.
+SERIAL = ("inference", "head", "other")
+#: On the frames and recorder threads, overlapping the next invoke (medians; not shares of the period).
+OVERLAPPED = ("capture", "quality", "preprocess", "record", "leds")
+STAGES = SERIAL + OVERLAPPED
+PUBLISHING_THREADS = frozenset({"screening", "recorder"})
 
 
 # -- measuring subclasses ----------------------------------------------------------------------------------------
@@ -91,29 +104,34 @@ class TimedStore(ResultStore):
 
 
 class TimedLeds(LedDriver):
-    """A real LedDriver (MockFactory pins) whose ``show`` is timed when the screening thread calls it."""
+    """A real LedDriver (MockFactory pins) whose ``show`` is timed when the loop (not the ticker) calls it."""
 
     total_ms = 0.0
 
     def show(self, pattern: Any) -> None:
         t0 = time.perf_counter()
         super().show(pattern)
-        if threading.current_thread().name == "screening":
+        if threading.current_thread().name in PUBLISHING_THREADS:
             self.total_ms += (time.perf_counter() - t0) * 1000
 
 
 class MemoryCamera:
-    """A ``FrameSource`` handing out pre-made frames in turn, like a camera driver's buffers (copied)."""
+    """A ``FrameSource`` handing out pre-made frames in turn, like a camera driver's buffers (copied).
+
+    ``small``: a model-size second stream per frame, as picamera2's lores stream (the ISP scales it on the Pi).
+    """
 
     kind = "memory-camera"
 
-    def __init__(self, frames: list[np.ndarray]):
-        self.frames, self.i = frames, 0
+    def __init__(self, frames: list[np.ndarray], small: list[np.ndarray] | None = None):
+        self.frames, self.small, self.i = frames, small, 0
 
     def read(self) -> Frame:
-        arr = self.frames[self.i % len(self.frames)].copy()  # picamera2's make_array copies the buffer too
+        k = self.i % len(self.frames)
+        arr = self.frames[k].copy()  # picamera2's make_array copies the buffer too
+        small = self.small[k].copy() if self.small is not None else None
         self.i += 1
-        return Frame(arr, f"camera-{self.i:06d}", time.time())
+        return Frame(arr, f"camera-{self.i:06d}", time.time(), small=small)
 
     def close(self) -> None:
         pass
@@ -123,6 +141,15 @@ def camera_frames(n: int = 12, size: tuple[int, int] = CAMERA_SIZE) -> list[np.n
     """The committed samples scaled up to the camera's stream size (made once, not timed)."""
     paths = list_images(SAMPLES)[:n]
     return [np.asarray(load_image(p).resize(size, Image.Resampling.BICUBIC), dtype=np.uint8) for p in paths]
+
+
+def lores_frames(frames: list[np.ndarray], model_size: int) -> list[np.ndarray]:
+    """The model-size stream of each frame, as the ISP would scale it (same aspect; made once, not timed)."""
+    from device.sources import lores_size
+
+    h, w = frames[0].shape[:2]
+    size = lores_size((w, h), model_size)
+    return [np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BILINEAR), dtype=np.uint8) for f in frames]
 
 
 # -- assembling the service ----------------------------------------------------------------------------------------
@@ -170,9 +197,12 @@ def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> bo
 def field_stages(*blocks: list[Rec]) -> dict:
     """Per-field periods and stage times from consecutive records of each block (runs of one Service).
 
-    Period k runs from the capture of field k to the capture of field k+1: it
-    holds field k's quality gate, classification, record, LEDs and publishing,
-    and field k+1's capture.
+    Period k runs from the capture of field k to the capture of field k+1.
+    The screening thread spends it on field k's inference and head, and
+    "other" (hand-offs, waiting for the next frame, losing the cores to the
+    other threads); the other stages of the period ran on other threads at
+    the same time and are given as medians (and their summed time as a
+    fraction of the summed period: above 0 but not part of the period).
     """
     periods, stages = [], {s: [] for s in STAGES}
     pairs = [(recs[k], recs[k + 1]) for recs in blocks for k in range(len(recs) - 1)]
@@ -184,12 +214,13 @@ def field_stages(*blocks: list[Rec]) -> dict:
         st = {"capture": float(b.timings.get("capture", 0.0)), "quality": float(t.get("quality", 0.0)),
               "preprocess": float(t.get("preprocess", 0.0)), "inference": float(t.get("invoke", 0.0)),
               "head": float(t.get("head", 0.0)), "record": a.record_ms, "leds": b.leds_total_ms - a.leds_total_ms}
-        st["other"] = period - sum(st.values())
+        st["other"] = period - st["inference"] - st["head"]
         periods.append(period)
         for s in STAGES:
             stages[s].append(st[s])
     total = float(np.sum(periods)) if periods else 0.0
-    per_stage = {s: {"median_ms": summary(v)["median"], "share": round(float(np.sum(v)) / total, 4) if total else None}
+    per_stage = {s: {"median_ms": summary(v)["median"], "share": round(float(np.sum(v)) / total, 4) if total else None,
+                     "overlapped": s in OVERLAPPED}
                  for s, v in stages.items()}
     return {"periods": periods, "stages": per_stage}
 
@@ -209,6 +240,24 @@ def bare_invoke(model: Any, rgb: np.ndarray, seconds: float, min_runs: int = 10)
 # -- the loop run ---------------------------------------------------------------------------------------------------
 
 
+LOOP_SOURCES = ("replay", "camera", "camera-lores")
+
+
+def loop_source(source: str, model_size: int) -> tuple[Callable[[], Any], str]:
+    """A factory for one of LOOP_SOURCES, and its label."""
+    if source == "replay":
+        return (lambda: ReplaySource(SAMPLES, loop=True)), "replay of device/samples (224 px JPEGs)"
+    frames = camera_frames()
+    label = f"camera-size frames ({CAMERA_SIZE[0]}x{CAMERA_SIZE[1]}, in memory)"
+    if source == "camera":
+        return (lambda: MemoryCamera(frames)), label
+    if source == "camera-lores":
+        small = lores_frames(frames, model_size)
+        h, w = small[0].shape[:2]
+        return (lambda: MemoryCamera(frames, small)), f"{label} + {w}x{h} lores stream (picamera2 path)"
+    raise ValueError(f"unknown loop source {source!r}; choose from {', '.join(LOOP_SOURCES)}")
+
+
 def run_loop(bundle: Bundle, classifier: Classifier, threads: int, *, source: str, fields: int, warm: int,
              bare_s: float, timeout: float, blocks: int = 5) -> dict:
     """Bare invoke and the loop, interleaved: bare, loop block, bare, ..., loop block, bare.
@@ -224,12 +273,7 @@ def run_loop(bundle: Bundle, classifier: Classifier, threads: int, *, source: st
     with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
         state = Path(tmp) / "state"
         cfg = bench_config(bundle.root, threads, state)
-        if source == "replay":
-            factory, label = (lambda: ReplaySource(SAMPLES, loop=True)), "replay of device/samples (224 px JPEGs)"
-        else:
-            frames = camera_frames()
-            factory = lambda: MemoryCamera(frames)  # noqa: E731
-            label = f"camera-size frames ({CAMERA_SIZE[0]}x{CAMERA_SIZE[1]}, in memory)"
+        factory, label = loop_source(source, bundle.input.size)
         bare_ms = bare_invoke(classifier.model, rgb, bare_s / (blocks + 1))
         timed: list[list[Rec]] = []
         for _ in range(blocks):

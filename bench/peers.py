@@ -1,5 +1,9 @@
 """The bare interpreter: the shipped int8 TFLite beside float32 TFLite and onnxruntime float32.
 
+When the bundle also holds the Edge-TPU-friendly int8 graph, it is timed on
+the CPU too (it never runs there on the device: this row shows why), and the
+two int8 graphs' features and decisions are compared on the same images.
+
 The peers are built once from the bundle's trained weights (``source/...pt``,
 named in the manifest) and cached under ``build/bench/<sha256>-<size>/``, so
 re-runs start at once. All three models are timed in the same run, round
@@ -94,10 +98,15 @@ class Runner:
     features: Callable[[np.ndarray], np.ndarray]  # uint8 SxSx3 RGB -> float 1000-d
 
 
-def int8_runner(bundle: Bundle, threads: int, rgb: np.ndarray) -> tuple[Runner, TFLiteModel]:
-    m = TFLiteModel(bundle.model_path, num_threads=threads, use_edgetpu=False)
+INT8_NAME = "int8 TFLite (shipped CPU graph)"
+FRIENDLY_NAME = "int8 TFLite, Edge-TPU-friendly graph, on the CPU"
+F32_NAME = "float32 TFLite (onnx2tf)"
+
+
+def int8_runner(path: Path, threads: int, rgb: np.ndarray, name: str = INT8_NAME) -> tuple[Runner, TFLiteModel]:
+    m = TFLiteModel(path, num_threads=threads, use_edgetpu=False)
     x = quantize_input(rgb, m.input_spec)
-    return (Runner("int8 TFLite (shipped)", m.runtime, bundle.model_path, lambda: m.invoke(x),
+    return (Runner(name, m.runtime, path, lambda: m.invoke(x),
                    lambda im: m.dequantize(m.invoke(quantize_input(im, m.input_spec)))), m)
 
 
@@ -122,7 +131,7 @@ def tflite_f32_runner(path: Path, threads: int, rgb: np.ndarray) -> Runner:
         interp.invoke()
         return interp.get_tensor(out["index"]).reshape(-1).copy()
 
-    return Runner("float32 TFLite (onnx2tf)", f"ai-edge-litert {_version('ai-edge-litert')}", path,
+    return Runner(F32_NAME, f"ai-edge-litert {_version('ai-edge-litert')}", path,
                   lambda: run(x0), lambda im: run(prep(im)))
 
 
@@ -173,8 +182,12 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def measure(bundle: Bundle, threads: int, images: list[np.ndarray], build_root: Path, seconds: float) -> dict:
     """The bare section of results.json."""
     rgb = images[0]
-    int8, _model = int8_runner(bundle, threads, rgb)
+    int8, _model = int8_runner(bundle.model_path, threads, rgb)
     runners = [int8]
+    friendly = None
+    if bundle.edgetpu_friendly_path is not None:
+        friendly, _ = int8_runner(bundle.edgetpu_friendly_path, threads, rgb, FRIENDLY_NAME)
+        runners.append(friendly)
     errors: list[str] = []
     peers_info: dict = {}
     try:
@@ -211,5 +224,16 @@ def measure(bundle: Bundle, threads: int, images: list[np.ndarray], build_root: 
                 worst_f = min(worst_f, cosine(f32.features(im), ref))
         agreement = {"images": len(images), "int8_vs_onnx": round(worst_i8, 5),
                      "f32_tflite_vs_onnx": round(worst_f, 7) if f32 is not None else None}
+    f32_ms = next((m["median_ms"] for m in models if m["name"] == F32_NAME), None)
     return {"models": models, "agreement": agreement, "peers": peers_info, "errors": errors,
-            "seconds_per_model": seconds, "threads": threads}
+            "seconds_per_model": seconds, "threads": threads,
+            "int8_vs_float32_tflite": round(base / f32_ms, 4) if base and f32_ms else None,
+            "graphs": graph_agreement(bundle, int8, friendly, images) if friendly is not None else None}
+
+
+def graph_agreement(bundle: Bundle, cpu: Runner, friendly: Runner, images: list[np.ndarray]) -> dict:
+    """The two int8 graphs of one bundle on the same images: worst feature cosine, decisions (status, label, ALL)."""
+    from convert.quantize import decisions_agreement
+
+    feats = [np.stack([r.features(im) for im in images]) for r in (cpu, friendly)]
+    return decisions_agreement(bundle.head, bundle.benign, bundle.thresholds, *feats)

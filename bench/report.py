@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 MET, MISSED, NOT_MEASURED = "met", "MISSED", "not measured"
+LOOP_VARIANTS = ("replay", "camera", "camera_lores")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,11 @@ class Target:
     limit: float
     unit: str
     get: Callable[[dict], float | None]  # the measured value from the results (None: not measured)
+    at_least: bool = False  # the limit is a floor (agreement), not a ceiling
+    section: str = ""  # where a missing figure would have come from
+
+    def met(self, value: float) -> bool:
+        return value >= self.limit if self.at_least else value <= self.limit
 
 
 def _dig(d: dict, *path: str) -> Any:
@@ -38,35 +44,41 @@ def _sum(*values: Any) -> float | None:
 
 
 TARGETS: tuple[Target, ...] = (
-    Target("loop_ratio", "Loop time per field / bare int8 invoke (replay source, as `make run`)", 1.05, "x",
-           lambda r: _dig(r, "loop", "replay", "ratio")),
-    Target("loop_ratio_camera", "Loop time per field / bare int8 invoke (camera-size 1014x760 frames)", 1.05, "x",
-           lambda r: _dig(r, "loop", "camera", "ratio")),
+    Target("int8_vs_float", "int8 bare invoke / float32 TFLite bare invoke (same threads, same run)", 0.35, "x",
+           lambda r: _dig(r, "bare", "int8_vs_float32_tflite"), section="bare"),
+    Target("loop_ratio", "Loop time per field / bare int8 invoke (replay source, as `make run`)", 1.10, "x",
+           lambda r: _dig(r, "loop", "replay", "ratio"), section="loop"),
+    Target("loop_ratio_camera", "Loop time per field / bare int8 invoke (camera-size 1014x760 frames)", 1.10, "x",
+           lambda r: _dig(r, "loop", "camera", "ratio"), section="loop"),
     Target("preprocess_head_ms", "Preprocessing + head per field (camera-size frames, median)", 2.0, "ms",
-           lambda r: _sum(_dig(r, "micro", "camera", "preprocess_ms"), _dig(r, "micro", "camera", "head_ms"))),
+           lambda r: _sum(_dig(r, "micro", "camera", "preprocess_ms"), _dig(r, "micro", "camera", "head_ms")),
+           section="micro"),
     Target("peak_rss_mb", "Peak RSS of `python -m device run` (replay)", 150.0, "MB",
-           lambda r: _dig(r, "memory", "peak_rss_mb")),
+           lambda r: _dig(r, "memory", "peak_rss_mb"), section="memory"),
     Target("rss_growth_mb", "RSS growth over 1,000 fields (no growth: <= 1 MB, ~1 KB/field)", 1.0, "MB",
-           lambda r: _dig(r, "memory", "growth_mb")),
+           lambda r: _dig(r, "memory", "growth_mb"), section="memory"),
     Target("first_result_s", "Process start to first recorded result (median of runs)", 5.0, "s",
-           lambda r: _dig(r, "startup", "median_s")),
+           lambda r: _dig(r, "startup", "median_s"), section="startup"),
     Target("page_load_ratio", "Loop time per field under page load / idle", 1.10, "x",
-           lambda r: _dig(r, "page_load", "ratio")),
+           lambda r: _dig(r, "page_load", "ratio"), section="page_load"),
     Target("page_burst_ratio", "Loop time per field during bursts of 200 concurrent GET /api/status / idle", 1.10,
-           "x", lambda r: _dig(r, "page_burst", "ratio")),
+           "x", lambda r: _dig(r, "page_burst", "ratio"), section="page_burst"),
+    Target("int8_float_agreement", "int8 vs float decisions agree (held-out images; the bundle's manifest)", 0.995,
+           "%", lambda r: _dig(r, "meta", "bundle", "metrics", "int8_float_agreement"), at_least=True,
+           section="meta"),
 )
 
 
-def _why_missing(results: dict, key: str) -> str:
-    section = {"loop_ratio": "loop", "loop_ratio_camera": "loop", "preprocess_head_ms": "micro",
-               "peak_rss_mb": "memory", "rss_growth_mb": "memory", "first_result_s": "startup",
-               "page_load_ratio": "page_load", "page_burst_ratio": "page_burst"}[key]
-    s = results.get(section)
+def _why_missing(results: dict, t: Target) -> str:
+    if t.section == "meta":
+        return "the bundle's manifest has no metrics.int8_float_agreement"
+    s = results.get(t.section)
     if isinstance(s, dict) and s.get("error"):
         return str(s["error"])
-    if isinstance(s, dict) and key.startswith("loop") and isinstance(s.get("replay" if key == "loop_ratio"
-                                                                          else "camera"), dict):
-        return str(s["replay" if key == "loop_ratio" else "camera"].get("error", "no figure"))
+    if isinstance(s, dict) and t.key.startswith("loop"):
+        variant = s.get("replay" if t.key == "loop_ratio" else "camera")
+        if isinstance(variant, dict):
+            return str(variant.get("error", "no figure"))
     return "section skipped" if s is None else "no figure"
 
 
@@ -76,10 +88,10 @@ def evaluate_targets(results: dict) -> list[dict]:
         value = t.get(results)
         if value is None:
             rows.append({"key": t.key, "what": t.what, "limit": t.limit, "unit": t.unit, "measured": None,
-                         "result": NOT_MEASURED, "note": _why_missing(results, t.key)})
+                         "at_least": t.at_least, "result": NOT_MEASURED, "note": _why_missing(results, t)})
         else:
-            rows.append({"key": t.key, "what": t.what, "limit": t.limit, "unit": t.unit,
-                         "measured": round(float(value), 4), "result": MET if value <= t.limit else MISSED})
+            rows.append({"key": t.key, "what": t.what, "limit": t.limit, "unit": t.unit, "at_least": t.at_least,
+                         "measured": round(float(value), 4), "result": MET if t.met(value) else MISSED})
     return rows
 
 
@@ -120,7 +132,11 @@ def render_markdown(results: dict) -> str:
     for row in results.get("targets") or evaluate_targets(results):
         measured = "-" if row["measured"] is None else f"{row['measured']:.3g} {row['unit']}"
         result = row["result"] if row["result"] != NOT_MEASURED else f"{NOT_MEASURED}: {row.get('note', '')}"
-        out.append(f"| {_cell(row['what'])} | {measured} | <= {row['limit']:g} {row['unit']} | "
+        limit = f"{'>=' if row.get('at_least') else '<='} {row['limit']:g} {row['unit']}"
+        if row["unit"] == "%":
+            measured = "-" if row["measured"] is None else f"{row['measured'] * 100:.2f}%"
+            limit = f"{'>=' if row.get('at_least') else '<='} {row['limit'] * 100:g}%"
+        out.append(f"| {_cell(row['what'])} | {measured} | {limit} | "
                    f"{'**MISSED**' if row['result'] == MISSED else _cell(result)} |")
 
     bare = results.get("bare") or {}
@@ -141,6 +157,13 @@ def render_markdown(results: dict) -> str:
             out.append("Same weights check (cosine similarity of the 1000-d features on the sample images, worst "
                        f"image): int8 TFLite vs onnxruntime float32 {_f(agree.get('int8_vs_onnx'), 4)}, float32 "
                        f"TFLite vs onnxruntime {_f(agree.get('f32_tflite_vs_onnx'), 6)}.")
+        if bare.get("int8_vs_float32_tflite") is not None:
+            out += ["", f"int8 (CPU graph) / float32 TFLite: **{_f(bare['int8_vs_float32_tflite'], 3, 'x')}**."]
+        g = bare.get("graphs")
+        if g:
+            out += ["", f"The bundle's two int8 graphs (CPU graph vs Edge-TPU-friendly graph, both on the CPU) on the "
+                        f"same {g['images']} sample images: worst feature cosine {_f(g['worst_feature_cosine'], 4)}, "
+                        f"decisions (status, label, ALL) agree on {g['decisions_agree']} of {g['images']}."]
         if bare.get("errors"):
             out += ["", "Peers not measured: " + "; ".join(bare["errors"])]
 
@@ -150,35 +173,77 @@ def render_markdown(results: dict) -> str:
                 "-> LEDs)", ""]
     if loop.get("error"):
         out.append(f"Not measured: {loop['error']}")
-    variants = [(k, loop[k]) for k in ("replay", "camera") if isinstance(loop.get(k), dict)]
+    variants = [(k, loop[k]) for k in LOOP_VARIANTS if isinstance(loop.get(k), dict)]
+    fewer = loop.get("fewer_threads") or {}
     if variants:
         out += ["| | " + " | ".join(v.get("label", k) for k, v in variants) + " |",
                 "|---|" + "---:|" * len(variants)]
 
-        def row(label: str, fn: Callable[[dict], str]) -> None:
-            out.append(f"| {label} | " + " | ".join(fn(v) if not v.get("error") else "-" for _, v in variants)
-                       + " |")
+        def row(label: str, fn: Callable[[dict], str], source: dict | None = None) -> None:
+            src = loop if source is None else source
+            cells = []
+            for k, _ in variants:
+                v = src.get(k)
+                cells.append("-" if not isinstance(v, dict) or v.get("error") else fn(v))
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
 
         row("Fields timed", lambda v: str(v.get("fields", "-")))
         row("Time per field, median (mean)", lambda v: f"{_f(v.get('period_median_ms'), 2)} "
             f"({_f(v.get('period_mean_ms'), 2)}) ms")
         row("Bare int8 invoke, median (same model object, around the loop)",
             lambda v: _f(v.get("bare_invoke_median_ms"), 2, " ms"))
-        row("**Loop / bare invoke**", lambda v: f"**{_f(v.get('ratio'), 3, 'x')}**")
+        row(f"**Loop / bare invoke** ({meta.get('threads', '?')} threads)",
+            lambda v: f"**{_f(v.get('ratio'), 3, 'x')}**")
         stages = []
         for _, v in variants:
             for s in (v.get("stages") or {}):
                 if s not in stages:
                     stages.append(s)
         for s in stages:
-            row(f"share: {s}", lambda v, s=s: (f"{(v.get('stages') or {}).get(s, {}).get('share', 0) * 100:.1f}% "
-                                               f"({_f((v.get('stages') or {}).get(s, {}).get('median_ms'), 2)} ms)"))
+            def cell(v: dict, s: str = s) -> str:
+                st = (v.get("stages") or {}).get(s, {})
+                share = f"{st.get('share', 0) * 100:.1f}%"
+                return f"{share} ({_f(st.get('median_ms'), 2)} ms)" if not st.get("overlapped") else \
+                    f"{_f(st.get('median_ms'), 2)} ms ({share})"
+            overlapped = any(((v.get("stages") or {}).get(s) or {}).get("overlapped") for _, v in variants)
+            row(f"overlapped: {s}, median (time / period)" if overlapped else f"share of period: {s} (median)", cell)
         row("Verdicts", lambda v: ", ".join(f"{k} {n}" for k, n in sorted((v.get("statuses") or {}).items())))
+        if fewer:
+            n = fewer.get("threads", "?")
+            row(f"Time per field with {n} interpreter thread(s), median", lambda v: _f(v.get("period_median_ms"), 2,
+                                                                                       " ms"), fewer)
+            row(f"... vs with {meta.get('threads', '?')} threads", lambda v: _f(v.get("period_vs_all_threads"), 3, "x"),
+                fewer)
+            row(f"... / its own bare invoke ({n} threads)", lambda v: _f(v.get("ratio"), 3, "x"), fewer)
+            row(f"... / the bare invoke at {meta.get('threads', '?')} threads",
+                lambda v: _f(v.get("period_vs_bare_all_threads"), 3, "x"), fewer)
         for k, v in variants:
             if v.get("error"):
                 out.append(f"\n{v.get('label', k)}: not measured: {v['error']}")
         if loop.get("notes"):
             out += [""] + [f"- {n}" for n in loop["notes"]]
+
+    ops = results.get("ops") or {}
+    if "ops" in results:
+        out += ["", "## Per-op profile (each op cut out into a one-op model, timed alone; same runtime and threads)",
+                ""]
+    if ops.get("error"):
+        out.append(f"Not measured: {ops['error']}")
+    graphs = [(k, v) for k, v in ops.items() if isinstance(v, dict) and v.get("by_type")]
+    if graphs:
+        types: list[str] = []
+        for _, g in graphs:
+            types += [t for t in g["by_type"] if t not in types]
+        out += ["| Op type | " + " | ".join(f"`{g['model']}`" for _, g in graphs) + " |",
+                "|---|" + "---:|" * len(graphs)]
+        for t in types:
+            cells = []
+            for _, g in graphs:
+                d = g["by_type"].get(t)
+                cells.append("-" if d is None else f"{d['count']} x, {_f(d['ms'], 2)} ms ({d['share'] * 100:.1f}%)")
+            out.append(f"| {t} | " + " | ".join(cells) + " |")
+        out.append("| **sum of ops / whole graph** | " + " | ".join(
+            f"**{_f(g['sum_of_ops_ms'], 2)} / {_f(g['whole_ms'], 2)} ms**" for _, g in graphs) + " |")
 
     micro = results.get("micro") or {}
     if "micro" in results:
@@ -186,7 +251,7 @@ def render_markdown(results: dict) -> str:
     if micro.get("error"):
         out.append(f"Not measured: {micro['error']}")
     else:
-        cols = [(k, micro[k]) for k in ("samples", "camera") if isinstance(micro.get(k), dict)]
+        cols = [(k, micro[k]) for k in ("samples", "camera", "camera_lores") if isinstance(micro.get(k), dict)]
         if cols:
             out += ["| | " + " | ".join(v["label"] for _, v in cols) + " |", "|---|" + "---:|" * len(cols)]
             for key, label in (("preprocess_ms", "preprocess (crop/resize + quantize)"),
@@ -259,12 +324,19 @@ def render_markdown(results: dict) -> str:
             out += ["", f"**{e.get('label', 'ESTIMATE')}**", "", "| Device | Estimated invoke | Basis |",
                     "|---|---:|---|",
                     f"| Raspberry Pi 4 (4 threads) | {_ms(e['pi4_ms'][0])}-{_ms(e['pi4_ms'][1])} ms | "
-                    f"{', '.join(f'{k} {v} GMAC/s' for k, v in e['pi4_rates_gmac_s'].items())} (ncnn int8) |",
-                    f"| Raspberry Pi 5 | {_ms(e['pi5_ms'][0])}-{_ms(e['pi5_ms'][1])} ms | {e['pi5_assumption']} |",
-                    f"| Coral USB Edge TPU | ~{_ms(e['coral_usb_ms'])} ms | ResNet-50 ~49 ms = "
-                    f"{e['coral_rate_gmac_s']} GMAC/s; needs an Edge-TPU-compiled model "
-                    f"({'in the bundle' if comp.get('edgetpu_model') else 'NOT in this bundle'}) |",
-                    "", f"_{e.get('sources', '')}_"]
+                    f"{_cell(e.get('pi4_basis', ''))}: "
+                    f"{', '.join(f'{k} {v} GMAC/s' for k, v in e['pi4_rates_gmac_s'].items())} |",
+                    f"| Raspberry Pi 5 | {_ms(e['pi5_ms'][0])}-{_ms(e['pi5_ms'][1])} ms | {e['pi5_assumption']} |"]
+            et = e.get("edgetpu")
+            if et:
+                out.append(f"| Coral Edge TPU (USB 3) | {_ms(et['ms'][0])}-{_ms(et['ms'][1])} ms | "
+                           f"{_cell(et['basis'])}: streaming {_ms(et['stream_ms'][0])}-{_ms(et['stream_ms'][1])} ms + "
+                           f"compute {_ms(et['compute_ms'][0])}-{_ms(et['compute_ms'][1])} ms; needs the "
+                           f"Edge-TPU-compiled graph "
+                           f"({'in the bundle' if comp.get('edgetpu_model') else 'NOT in this bundle'}; its source, "
+                           f"the Edge-TPU-friendly graph, "
+                           f"{'is' if comp.get('edgetpu_friendly_model') else 'is NOT'} in the bundle) |")
+            out += ["", f"_{e.get('sources', '')}_"]
     notes = results.get("notes") or []
     if notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in notes]

@@ -18,18 +18,18 @@ from pathlib import Path
 import numpy as np
 
 from convert import data
-from convert.evaluate import binary, held_out, lsb_robustness, per_class, table2
-from convert.steps import Options, _load, paths, step_seconds
-from device.bundle import MANIFEST, SCHEMA, Thresholds, load_bundle, sha256_file
-from device.head import evaluate_many, load_head
+from convert.scorecard import evaluate_all
+from convert.steps import Options, paths, step_seconds
+from device.bundle import MANIFEST, SCHEMA, load_bundle, sha256_file
+from device.head import load_head
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "darknet19_int8.tflite"
 EDGETPU_FILE = "darknet19_int8_edgetpu.tflite"
+EDGETPU_FRIENDLY_FILE = "darknet19_int8_edgetpu_friendly.tflite"  # uncompiled; input of edgetpu_compiler
 HEAD_FILE = "head.npz"
 WEIGHTS_FILE = "source/darknet19-fp16.pt"
-THRESHOLDS = Thresholds(confidence=0.6, all_probability=0.6)
 TOOLS = ("torch", "onnx", "onnxruntime", "onnx2tf", "tensorflow", "ai-edge-litert", "scikit-learn", "numpy", "pillow")
 
 
@@ -53,72 +53,6 @@ def source_commit() -> str:
         return "unknown"
 
 
-def evaluate_all(o: Options) -> dict:
-    """All metrics for the report and manifest."""
-    import torch
-
-    from convert.export import load_trained
-    from convert.train import predict
-
-    pp = paths(o)
-    z = np.load(pp["features"])
-    head = load_head(pp["head"])
-    sel = json.loads(pp["selection"].read_text())
-    classes = list(head.classes)
-    benign = classes.index("Benign") if "Benign" in classes else 0
-    y = z["y_test"]
-    net, state = load_trained(pp["weights"])
-    size = int(state["config"]["size"])
-    torch.set_num_threads(2)
-    _, x_te, _, _ = _load(o, "test", size)
-    cnn = predict(net, x_te, size)
-    cnn_masked = predict(net, x_te, size, masked=size == 224)
-    cnn_pred = cnn.argmax(1)
-    int8 = held_out(head, z["test"], y, benign, THRESHOLDS)
-    flt = held_out(head, z["test_float"], y, benign, THRESHOLDS)
-    masked = held_out(head, z["test_masked"], y, benign, THRESHOLDS)
-    m = {
-        "test_images": int(len(y)),
-        "train_images": int(len(z["y_train"])),
-        "cnn_softmax": {"accuracy": float((cnn_pred == y).mean()), "per_class": per_class(y, cnn_pred, classes),
-                        "binary": binary(y, cnn_pred != benign, benign),
-                        "confusion": _confusion(y, cnn_pred, len(classes)),
-                        "accuracy_corner_masked": float((cnn_masked.argmax(1) == y).mean())},
-        "int8_svm": int8,
-        "float_svm": {"accuracy": flt["accuracy"]},
-        "int8_float_agreement": float((np.array(int8["pred"]) == np.array(flt["pred"])).mean()),
-        "cnn_int8_agreement": float((np.array(int8["pred"]) == cnn_pred).mean()),
-        "corner_masked": {
-            "accuracy": masked["accuracy"],
-            "agreement_with_unmasked": float((np.array(masked["pred"]) == np.array(int8["pred"])).mean()),
-        },
-        "ood_probes": _probes(head, z),
-        "lsb": [lsb_robustness(head, z["test"], float(z["out_scale"]), k) for k in (1, 3)],
-        "selection": {"criterion": sel["criterion"], "k": sel["k"], "C": sel["C"], "paper_k": 521,
-                      "cv": sel["cv"]},
-        "table2": table2(z["train"], z["y_train"], np.array(sel["ranking"]), sel["k"], sel["C"], o.folds, o.seed),
-        "table3_test": int8["per_class"],
-    }
-    paper = next((r for r in sel["cv"] if r["k"] == 521 and r["C"] == sel["C"]), None)
-    m["selection"]["paper_k_cv"] = paper["mean"] if paper else None
-    return m
-
-
-def _probes(head, z) -> list[dict]:
-    from convert.steps import PROBES
-
-    if "probe" not in z.files:
-        return []
-    return [{"probe": name, "distance": o.distance, "referred": bool(o.distance > head.ood_threshold)}
-            for name, o in zip(PROBES, evaluate_many(head, z["probe"]))]
-
-
-def _confusion(y, pred, n):
-    from sklearn.metrics import confusion_matrix
-
-    return confusion_matrix(y, pred, labels=list(range(n))).tolist()
-
-
 def write_bundle(o: Options) -> Path:
     """Evaluate, then write models/: model, head, weights, figures, manifest, report."""
     from convert import report
@@ -137,6 +71,11 @@ def write_bundle(o: Options) -> Path:
         shutil.copyfile(etpu, out / EDGETPU_FILE)
     else:
         (out / EDGETPU_FILE).unlink(missing_ok=True)
+    friendly = paths(o).get("edgetpu_friendly")  # the second graph of convert.quantize.to_int8_graphs, if made
+    if friendly is not None and friendly.exists():
+        shutil.copyfile(friendly, out / EDGETPU_FRIENDLY_FILE)
+    else:
+        (out / EDGETPU_FRIENDLY_FILE).unlink(missing_ok=True)
     from device.inference import TFLiteModel
 
     model = TFLiteModel(out / MODEL_FILE, num_threads=2)
@@ -147,7 +86,10 @@ def write_bundle(o: Options) -> Path:
     files = {"model": _entry(out, MODEL_FILE), "head": _entry(out, HEAD_FILE), "weights": _entry(out, WEIGHTS_FILE)}
     if etpu is not None:
         files["edgetpu_model"] = _entry(out, EDGETPU_FILE)
+    if (out / EDGETPU_FRIENDLY_FILE).exists():
+        files["model_edgetpu_friendly"] = _entry(out, EDGETPU_FRIENDLY_FILE)
     i, oo = model.input_spec, model.output_spec
+    t, geo = metrics["test"], metrics["geometry"]
     manifest = {
         "schema": SCHEMA,
         "name": f"darknet19-all-int8-{dt.date.today().isoformat()}",
@@ -157,32 +99,39 @@ def write_bundle(o: Options) -> Path:
         "benign_class": "Benign",
         "files": files,
         "input": {"size": i.size, "layout": "NHWC", "colour": "RGB", "dtype": i.dtype, "scale": i.scale,
-                  "zero_point": i.zero_point,
-                  "preprocessing": "device.preprocess: EXIF-upright RGB, centre square crop, PIL bilinear resize to "
-                                   "size, pixels 0..255; q = round(x/scale) + zero_point; "
-                                   "normalisation is in the graph"},
+                  "zero_point": i.zero_point, "field_px": geo["field_px"], "rbc_diameter_px": geo["rbc_diameter_px"],
+                  "preprocessing": "device.preprocess.prepare: EXIF-upright RGB; the lit field (eyepiece disc or whole "
+                                   "frame); a square of field_px source pixels (scaled by the camera's calibrated "
+                                   "red-cell diameter) around it, outside the field filled with background; PIL "
+                                   "bilinear resize to size; colour normalised so the background is grey 240; "
+                                   "q = round(x/scale) + zero_point; normalisation is in the graph"},
         "output": {"features": oo.size, "dtype": oo.dtype, "scale": oo.scale, "zero_point": oo.zero_point},
         "quantization": {"tool": "onnx2tf full-integer", "weights": "int8 per-channel", "activations": "int8",
                          "calibration_images": quant["calibration_images"],
                          "edgetpu_friendly": quant["edgetpu_friendly"], "op_types": quant["op_types"],
+                         "edgetpu_friendly_op_types": quant.get("edgetpu_friendly_op_types"),
                          "onnx_vs_torch_max_abs_diff": exp["max_abs_diff"]},
         "head": {"k": head.k, "criterion": metrics["selection"]["criterion"], "svm_C": metrics["selection"]["C"],
-                 "calibration": "Platt sigmoid per class (one-vs-rest), normalised",
-                 "ood_threshold": head.ood_threshold},
-        "thresholds": {"confidence": THRESHOLDS.confidence, "all_probability": THRESHOLDS.all_probability},
+                 "calibration": "Platt sigmoid per class (one-vs-rest) fitted on the validation split, normalised",
+                 "ood_method": head.ood_method, "ood_threshold": head.ood_threshold},
+        "thresholds": metrics["thresholds"],
+        "slide": {"field_false_alert": metrics["slide_rules"]["field_false_alert"],
+                  "field_sensitivity": metrics["slide_rules"]["field_sensitivity"],
+                  "duplicate_similarity": metrics["duplicates"]["threshold"]},
         "metrics": {
+            "test": "newest acquisition numbers of each class (new-patient split)",
             "test_images": metrics["test_images"],
-            "accuracy_int8_svm": metrics["int8_svm"]["accuracy"],
-            "accuracy_cnn_softmax": metrics["cnn_softmax"]["accuracy"],
-            "int8_float_agreement": metrics["int8_float_agreement"],
-            "all_sensitivity": metrics["int8_svm"]["binary_argmax"]["sensitivity"],
-            "all_specificity": metrics["int8_svm"]["binary_argmax"]["specificity"],
-            "accuracy_corner_masked": metrics["corner_masked"]["accuracy"],
-            "ok_fraction": metrics["int8_svm"]["ok_fraction"],
-            "ok_accuracy": metrics["int8_svm"]["ok_accuracy"],
+            "accuracy": t["accuracy"]["rate"],
+            "accuracy_interval": [t["accuracy"]["lo"], t["accuracy"]["hi"]],
+            "all_sensitivity": t["sensitivity"]["rate"],
+            "benign_specificity": t["specificity"]["rate"],
+            "all_called_benign_confident": t["all_called_benign_confident"],
+            "int8_float_agreement": metrics["int8_float_agreement"]["rate"],
+            "expected_calibration_error": t["calibration"]["ece"],
+            "accuracy_cnn_softmax": metrics["cnn_softmax"]["accuracy"]["rate"],
         },
-        "split": {"hash": split_doc["hash"], "train": metrics["train_images"], "test": metrics["test_images"],
-                  **split_doc["params"]},
+        "split": {"hash": split_doc["hash"], "train": metrics["train_images"], "val": metrics["val_images"],
+                  "test": metrics["test_images"], **split_doc["params"]},
         "versions": versions(),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -190,8 +139,8 @@ def write_bundle(o: Options) -> Path:
     manifest["references"] = add_references(out, held_out_candidates(o))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     report.write(o, out, manifest, metrics, step_seconds(o))
-    print(f"bundle -> {out}: int8 + SVM accuracy {metrics['int8_svm']['accuracy']:.4f} on {metrics['test_images']} "
-          f"held-out images; ALL sensitivity {manifest['metrics']['all_sensitivity']:.4f}")
+    print(f"bundle -> {out}: int8 + SVM accuracy {manifest['metrics']['accuracy']:.4f} on {metrics['test_images']} "
+          f"new-patient test images; ALL sensitivity {manifest['metrics']['all_sensitivity']:.4f}")
     return out
 
 

@@ -2,6 +2,7 @@
 
 Steps, in order: split, train, export, quantize, [edgetpu], features, head,
 bundle. ``all`` runs them in order, skipping any whose outputs are current.
+``evaluate [--shifts]`` prints the new-patient test results (and the shift suite) of the work folder.
 ``references`` re-makes only the bundle's reference images (``bundle`` makes
 them too) from the held-out split in the work folder.
 
@@ -39,7 +40,7 @@ def _options(a):
     from convert.steps import Options
 
     return Options(data=a.data.resolve(), work=a.work.resolve(), models=a.models.resolve(),
-                   test_fraction=a.test_fraction, block=a.block,
+                   test_fraction=a.test_fraction, val_fraction=a.val_fraction, block=a.block,
                    seed=a.seed, calib=a.calib, edgetpu_friendly=not a.keep_leakyrelu, criterion=a.criterion,
                    folds=a.folds, force=a.force)
 
@@ -55,6 +56,10 @@ def run(step: str, a) -> None:
             steps.train(o, _train_cfg(a))
         elif s == "bundle":
             write_bundle(o)
+        elif s == "evaluate":
+            from convert.scorecard import print_summary
+
+            print_summary(o, a.shifts)
         elif s == "references":
             add_references(o.models, held_out_candidates(o))
         elif s == "sign":
@@ -95,17 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=(*ORDER, "edgetpu", "references", "all", "sign", "import-onnx"))
+    p.add_argument("step", choices=(*ORDER, "edgetpu", "evaluate", "references", "all", "sign", "import-onnx"))
     p.add_argument("target", nargs="?", help="sign: the bundle folder (default --models); "
                                               "import-onnx: the ONNX file of a DarkNet19 trained elsewhere")
+    p.add_argument("--shifts", action="store_true", help="evaluate: also print the shift suite's table")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="class-per-folder image set (default %(default)s)")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "convert", help="intermediate files")
     p.add_argument("--models", type=Path, default=ROOT / "models", help="bundle output folder")
-    p.add_argument("--test-fraction", type=float, default=0.3)
-    p.add_argument("--block", type=int, default=5, help="consecutive images kept on one side of the split")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="newest acquisition numbers of each class held out as the new-patient test split")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="validation split (every choice is made on it)")
+    p.add_argument("--block", type=int, default=36,
+                   help="consecutive acquisition numbers kept together (about one patient)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib", type=int, default=256, help="calibration images for int8 (>= 200 for a real model)")
-    p.add_argument("--keep-leakyrelu", action="store_true", help="keep LEAKY_RELU ops (not Edge TPU compatible)")
+    p.add_argument("--keep-leakyrelu", action="store_true",
+                   help="make only the CPU graph (native LEAKY_RELU), no Edge-TPU-friendly second graph")
     p.add_argument("--criterion", choices=("MIQ", "MID"), default="MIQ", help="mRMR criterion")
     p.add_argument("--folds", type=int, default=10, help="CV folds for the report's Table 2")
     p.add_argument("--force", action="store_true", help="re-run steps even when current")

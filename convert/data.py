@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from device.errors import ImageError, ScreenError
-from device.preprocess import fit_square, load_image
+from device.preprocess import load_image, prepare
 
 log = logging.getLogger(__name__)
 
@@ -98,39 +98,54 @@ def scan(root: str | Path) -> Scan:
     return Scan(root, classes, samples, skipped, duplicates)
 
 
-def split(samples: list[Sample], test_fraction: float = 0.3, block: int = 5, seed: int = 0) -> dict[str, list[Sample]]:
-    """Deterministic stratified split that keeps acquisition neighbours together.
+PARTS = ("train", "val", "test")
+#: Where the "10 um" scale-bar label sits in the 224x224 source images (rows, cols). Camera frames have
+#: no such label, and its colour differs between classes, so every image the toolchain reads has that
+#: corner replaced by the mirror image of the strip just above it: the network never sees the label,
+#: and sees smear texture there rather than a flat patch that camera frames would not have either.
+SCALE_BAR_BOX = (slice(196, 224), slice(180, 224))
 
-    The set has no patient IDs, but numbers follow acquisition order, so
-    neighbouring images often show one patient (or the same field twice).
-    Within each class, images are sorted by number and grouped in blocks of
-    ``block``; whole blocks go to train or test. This is stricter than a random
-    image-level split, which would flatter accuracy.
+
+def split(samples: list[Sample], test_fraction: float = 0.2, val_fraction: float = 0.15, block: int = 36,
+          seed: int = 0) -> dict[str, list[Sample]]:
+    """Deterministic split by blocks of consecutive acquisition numbers, about one patient each.
+
+    The set has no patient IDs; numbers follow acquisition order, and 3,256 images of 89 patients make
+    about 36 per patient, so within each class the images are sorted by number and cut into blocks of
+    ``block``. **test**: the newest blocks of each class (the highest numbers), about ``test_fraction``
+    of it: the closest this set offers to new patients. **val**: randomly drawn whole blocks of the rest,
+    about ``val_fraction``; it decides every choice (epoch, k, C, calibration, thresholds). **train**: the
+    remaining blocks. A block boundary need not fall between two patients, so one patient's images can
+    still sit on both sides of a boundary: the split is grouped, not patient-exact.
     """
     rng = random.Random(seed)
-    out: dict[str, list[Sample]] = {"train": [], "test": []}
+    out: dict[str, list[Sample]] = {p: [] for p in PARTS}
     for label in sorted({s.label for s in samples}):
         items = sorted((s for s in samples if s.label == label), key=lambda s: (s.number, s.path))
         blocks = [items[i:i + block] for i in range(0, len(items), block)]
+        n_test, n_val = round(len(items) * test_fraction), round(len(items) * val_fraction)
+        taken = 0
+        while blocks and taken + len(blocks[-1]) / 2 <= n_test:  # whole blocks, nearest to the target
+            blk = blocks.pop()  # newest first
+            out["test"][:0] = blk
+            taken += len(blk)
         order = list(range(len(blocks)))
         rng.shuffle(order)
-        n_test = round(len(items) * test_fraction)
-        taken = 0
-        test_blocks = set()
+        val_blocks, taken = set(), 0
         for b in order:
-            if taken >= n_test:
+            if taken + len(blocks[b]) / 2 > n_val:
                 break
-            test_blocks.add(b)
+            val_blocks.add(b)
             taken += len(blocks[b])
         for i, blk in enumerate(blocks):
-            out["test" if i in test_blocks else "train"].extend(blk)
+            out["val" if i in val_blocks else "train"].extend(blk)
     return out
 
 
 def split_hash(parts: dict[str, list[Sample]]) -> str:
     h = hashlib.sha256()
-    for part in ("train", "test"):
-        for s in sorted(parts[part], key=lambda s: s.sha256):
+    for part in PARTS:
+        for s in sorted(parts.get(part, []), key=lambda s: s.sha256):
             h.update(f"{part}:{s.sha256}\n".encode())
     return h.hexdigest()
 
@@ -144,7 +159,7 @@ def write_split(path: Path, scan_: Scan, parts: dict[str, list[Sample]], **param
         "hash": split_hash(parts),
         "duplicates": scan_.duplicates,
         "skipped": scan_.skipped,
-        **{part: [asdict(s) for s in parts[part]] for part in ("train", "test")},
+        **{part: [asdict(s) for s in parts[part]] for part in PARTS},
     }
     path.write_text(json.dumps(doc, indent=1))
 
@@ -153,13 +168,32 @@ def read_split(path: Path) -> tuple[list[str], dict[str, list[Sample]], dict]:
     if not path.exists():
         raise DatasetError(f"split file {path} does not exist; run `python -m convert split` first")
     doc = json.loads(path.read_text())
-    parts = {part: [Sample(**d) for d in doc[part]] for part in ("train", "test")}
+    if any(part not in doc for part in PARTS):
+        raise DatasetError(f"split file {path} has no {'/'.join(PARTS)} parts (an older layout); "
+                           "run `python -m convert split --force`")
+    parts = {part: [Sample(**d) for d in doc[part]] for part in PARTS}
     return doc["classes"], parts, doc
 
 
+def mask_scale_bar(rgb: np.ndarray) -> np.ndarray:
+    """Cover the scale-bar corner of a 224x224 source image with the mirrored strip above it."""
+    if rgb.shape[:2] != (224, 224):
+        return rgb
+    rows, cols = SCALE_BAR_BOX
+    h = rows.stop - rows.start
+    out = rgb.copy()
+    out[rows, cols] = rgb[rows.start - 1:rows.start - 1 - h:-1, cols]
+    return out
+
+
+def load_sources(root: Path, samples: list[Sample]) -> list[np.ndarray]:
+    """The source images as the camera would show them: decoded, upright RGB, scale bar painted over."""
+    return [mask_scale_bar(np.asarray(load_image(root / s.path))) for s in samples]
+
+
 def load_rgb(root: Path, samples: list[Sample], size: int) -> np.ndarray:
-    """Decode ``samples`` through the device's own preprocessing: (N, size, size, 3) uint8."""
+    """``samples`` through the device's own :func:`device.preprocess.prepare`: (N, size, size, 3) uint8."""
     out = np.empty((len(samples), size, size, 3), np.uint8)
-    for i, s in enumerate(samples):
-        out[i] = fit_square(load_image(root / s.path), size)
+    for i, src in enumerate(load_sources(root, samples)):
+        out[i] = prepare(src, size).rgb
     return out

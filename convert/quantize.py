@@ -13,11 +13,10 @@ import logging
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from convert.export import INPUT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +39,16 @@ def to_int8_tflite(onnx_path: Path, calib_rgb: np.ndarray, out_dir: Path, *, edg
     """Convert and return the path of the full-integer model.
 
     ``calib_rgb`` is (N,S,S,3) uint8 produced by ``device.preprocess`` (the
-    same code the Pi runs). onnx2tf feeds ``(x - mean) / std`` to the
-    calibrator; mean 0 and std 1 keep the pixels as they are.
+    same code the Pi runs), fed to the calibrator as the pixels they are.
+
+    ``edgetpu_friendly`` rewrites LeakyReLU as ``max(x, 0.1x)`` out of
+    MUL/MINIMUM/RELU/ADD (the Edge TPU has no LEAKY_RELU kernel). On a CPU that
+    rewrite costs ~4x the whole invoke (see ``bench/ops.py``), so the CPU
+    graph keeps the native LEAKY_RELU: use :func:`to_int8_graphs` for both.
     """
     import onnx2tf
     from PIL import Image
+
 
     out_dir = Path(out_dir).resolve()
     onnx_path = Path(onnx_path).resolve()
@@ -52,29 +56,118 @@ def to_int8_tflite(onnx_path: Path, calib_rgb: np.ndarray, out_dir: Path, *, edg
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     calib = calib_rgb.astype(np.float32)
-    np.save(out_dir / "calibration.npy", calib)
     sample = np.stack([np.asarray(Image.fromarray(im).resize((128, 128), Image.Resampling.BILINEAR))
                        for im in calib_rgb[:20]]).astype(np.float32) / 255.0
     np.save(out_dir / ONNX2TF_SAMPLE, sample)
-    mean = np.zeros((1, 1, 1, 3), np.float32)
-    std = np.ones((1, 1, 1, 3), np.float32)
     with _cwd(out_dir):
+        # onnx2tf builds the TF graph (and its float32 TFLite); its own int8 path would calibrate four times
+        # (integer, full-integer, and both again with int16 activations), so the one graph we ship is
+        # calibrated here, once, with the converter settings onnx2tf uses for its full-integer model.
         onnx2tf.convert(
             input_onnx_file_path=str(onnx_path),
             output_folder_path=str(out_dir / "tf"),
-            output_integer_quantized_tflite=True,
-            quant_type="per-channel",
-            input_quant_dtype="int8",
-            output_quant_dtype="int8",
-            custom_input_op_name_np_data_path=[[INPUT_NAME, str(out_dir / "calibration.npy"), mean, std]],
+            output_signaturedefs=True,
             # Edge TPU has no LEAKY_RELU kernel: rewrite as max(x, 0.1x) with supported ops.
             replace_to_pseudo_operators=["leakyrelu"] if edgetpu_friendly else [],
             non_verbose=True,
         )
-    found = sorted((out_dir / "tf").glob("*_full_integer_quant.tflite"))
-    if not found:
-        raise RuntimeError(f"onnx2tf wrote no *_full_integer_quant.tflite into {out_dir / 'tf'}")
-    return found[0]
+    out = out_dir / "tf" / f"{onnx_path.stem}_full_integer_quant.tflite"
+    out.write_bytes(_full_integer(out_dir / "tf", calib))
+    return out
+
+
+def _full_integer(saved_model: Path, calib: np.ndarray) -> bytes:
+    """Per-channel int8 weights, int8 activations, int8 input and output, calibrated on ``calib`` (N,S,S,3)."""
+    import tensorflow as tf
+
+    sig = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+    (name,) = sig.structured_input_signature[1].keys()
+
+    def samples():
+        for i in range(len(calib)):
+            yield {name: tf.convert_to_tensor(calib[i:i + 1], tf.float32)}
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter._experimental_disable_per_channel = False  # noqa: SLF001 (per-channel weights, as onnx2tf's default)
+    converter.representative_dataset = samples
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    return converter.convert()
+
+
+@dataclass(frozen=True)
+class Int8Graphs:
+    """The two int8 graphs of one bundle, calibrated on the same images.
+
+    ``cpu``: native LEAKY_RELU, what XNNPACK runs on every Pi. ``edgetpu_friendly``:
+    LeakyReLU rewritten for the Edge TPU compiler, used only with the Edge TPU
+    delegate (compile *this* one with :func:`compile_edgetpu`).
+    """
+
+    cpu: Path
+    edgetpu_friendly: Path | None
+    cpu_op_types: dict[str, int]
+    edgetpu_friendly_op_types: dict[str, int] | None
+
+
+def to_int8_graphs(onnx_path: Path, calib_rgb: np.ndarray, work_dir: Path, *, cpu_dest: Path,
+                   edgetpu_friendly_dest: Path | None = None) -> Int8Graphs:
+    """Convert twice from one calibration set; copy the graphs to their destinations.
+
+    onnx2tf applies the LeakyReLU rewrite while building the TF graph, so one
+    run cannot emit both; two runs on the same ``calib_rgb`` give the same
+    activation ranges up to the rewrite itself. ``edgetpu_friendly_dest=None``
+    skips the second conversion.
+    """
+    work_dir = Path(work_dir)
+    cpu = to_int8_tflite(onnx_path, calib_rgb, work_dir / "cpu", edgetpu_friendly=False)
+    Path(cpu_dest).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cpu, cpu_dest)
+    etpu = None
+    if edgetpu_friendly_dest is not None:
+        out = to_int8_tflite(onnx_path, calib_rgb, work_dir / "edgetpu", edgetpu_friendly=True)
+        Path(edgetpu_friendly_dest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out, edgetpu_friendly_dest)
+        etpu = Path(edgetpu_friendly_dest)
+    return Int8Graphs(Path(cpu_dest), etpu, op_types(cpu_dest), op_types(etpu) if etpu is not None else None)
+
+
+def decisions_agreement(head, benign: str, thresholds, feats_a: np.ndarray, feats_b: np.ndarray) -> dict:
+    """Two graphs' features of the same images (rows): worst cosine, and how often the decisions agree.
+
+    A decision is the device's (status, label, ALL flag) from ``device.classifier.decide``: what the
+    technician would be told.
+    """
+    from device.classifier import decide
+    from device.head import evaluate_many
+
+    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+    def decisions(f: np.ndarray) -> list[tuple]:
+        return [(v.status, v.label, v.all) for v in
+                (decide(head, o, benign, thresholds) for o in evaluate_many(head, f))]
+
+    da, db = decisions(a), decisions(b)
+    same = sum(x == y for x, y in zip(da, db))
+    return {"images": len(a), "worst_feature_cosine": round(float(cos.min()), 5),
+            "median_feature_cosine": round(float(np.median(cos)), 5), "decisions_agree": int(same),
+            "decision_agreement": round(same / len(a), 5) if len(a) else None}
+
+
+def graph_agreement(cpu_path: Path, friendly_path: Path, rgb: np.ndarray, head, benign: str, thresholds,
+                    threads: int = 2) -> dict:
+    """Both int8 graphs through the device's own feature code on ``rgb`` (N,S,S,3), compared (for REPORT.md)."""
+    from device.classifier import model_features
+    from device.inference import TFLiteModel
+
+    feats = []
+    for path in (cpu_path, friendly_path):
+        model = TFLiteModel(path, num_threads=threads, use_edgetpu=False)
+        feats.append(np.stack([model_features(model, im) for im in rgb]))
+    return decisions_agreement(head, benign, thresholds, *feats)
 
 
 def op_types(model_path: Path) -> dict[str, int]:

@@ -27,8 +27,9 @@ class Options:
     data: Path
     work: Path
     models: Path
-    test_fraction: float = 0.3
-    block: int = 5
+    test_fraction: float = 0.2
+    val_fraction: float = 0.15
+    block: int = 36
     seed: int = 0
     calib: int = 256
     edgetpu_friendly: bool = True
@@ -88,6 +89,8 @@ def paths(o: Options) -> dict[str, Path]:
     return {"split": w / "split.json", "weights": w / "darknet19.pt", "onnx": w / "darknet19.onnx",
             "export": w / "export.json", "tflite": w / "darknet19_int8.tflite", "quant": w / "quantize.json",
             "edgetpu": w / "darknet19_int8_edgetpu.tflite", "features": w / "features.npz",
+            "edgetpu_friendly": w / "darknet19_int8_edgetpu_friendly.tflite",
+            "shifts": w / "shifts.npz", "ood": w / "ood.npz",
             "head": w / "head.npz", "selection": w / "selection.json"}
 
 
@@ -106,13 +109,16 @@ def split(o: Options) -> None:
 
     def go():
         scan = data.scan(o.data)
-        parts = data.split(scan.samples, o.test_fraction, o.block, o.seed)
-        data.write_split(p, scan, parts, test_fraction=o.test_fraction, block=o.block, seed=o.seed)
-        print(f"split: {len(parts['train'])} train / {len(parts['test'])} test, {len(scan.duplicates)} duplicates "
-              f"dropped, {len(scan.skipped)} unreadable skipped -> {p}")
-        return {"train": len(parts["train"]), "test": len(parts["test"])}
+        parts = data.split(scan.samples, o.test_fraction, o.val_fraction, o.block, o.seed)
+        data.write_split(p, scan, parts, test_fraction=o.test_fraction, val_fraction=o.val_fraction, block=o.block,
+                         seed=o.seed)
+        print(f"split: {len(parts['train'])} train / {len(parts['val'])} validation / {len(parts['test'])} test "
+              f"(newest acquisition numbers), {len(scan.duplicates)} duplicates dropped, "
+              f"{len(scan.skipped)} unreadable skipped -> {p}")
+        return {part: len(parts[part]) for part in data.PARTS}
 
-    params = {"data": str(Path(o.data).resolve()), "tf": o.test_fraction, "block": o.block, "seed": o.seed}
+    params = {"data": str(Path(o.data).resolve()), "tf": o.test_fraction, "vf": o.val_fraction, "block": o.block,
+              "seed": o.seed}
     # The data folder is an input too: re-scan when its listing changes.
     root = Path(o.data)
     listing = sorted(f"{q.relative_to(root)}:{q.stat().st_size}" for q in root.rglob("*") if q.is_file()) \
@@ -129,10 +135,12 @@ def train(o: Options, cfg) -> None:
     pp = paths(o)
 
     def go():
-        classes, xtr, ytr, _ = _load(o, "train", cfg.size)
-        _, xte, yte, _ = _load(o, "test", cfg.size)
+        classes, parts, doc = data.read_split(pp["split"])
+        src = np.stack(data.load_sources(Path(doc["data_root"]), parts["train"]))
+        ytr = np.array([classes.index(s.label) for s in parts["train"]])
+        _, xva, yva, _ = _load(o, "val", cfg.size)
         t0 = time.time()
-        net = train_net(cfg, xtr, ytr, xte, yte, len(classes), o.work / "train")
+        net = train_net(cfg, src, ytr, xva, yva, len(classes), o.work / "train")
         torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()},
                     "classes": classes, "width": cfg.width,
                     "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
@@ -200,13 +208,12 @@ def export(o: Options) -> None:
 
 
 def quantize(o: Options) -> None:
-    from convert.quantize import op_types, to_int8_tflite
+    """The CPU int8 graph (native LEAKY_RELU) and, unless disabled, the Edge-TPU-friendly one, same calibration."""
+    from convert.quantize import to_int8_graphs
 
     pp = paths(o)
 
     def go():
-        import shutil
-
         size = trained_size(o)
         classes, parts, _ = data.read_split(pp["split"])
         rng = np.random.default_rng(o.seed)
@@ -215,24 +222,30 @@ def quantize(o: Options) -> None:
         _, x, _, _ = _load(o, "train", size, chosen)
         if len(x) < 200:
             log.warning("calibrating on %d images (< 200): fine for tests, not for a shipped model", len(x))
-        out = to_int8_tflite(pp["onnx"], x, o.work / "onnx2tf", edgetpu_friendly=o.edgetpu_friendly)
-        shutil.copyfile(out, pp["tflite"])
-        ops = op_types(pp["tflite"])
-        info = {"calibration_images": len(x), "op_types": ops, "edgetpu_friendly": o.edgetpu_friendly,
+        pp["edgetpu_friendly"].unlink(missing_ok=True)
+        g = to_int8_graphs(pp["onnx"], x, o.work / "onnx2tf", cpu_dest=pp["tflite"],
+                           edgetpu_friendly_dest=pp["edgetpu_friendly"] if o.edgetpu_friendly else None)
+        info = {"calibration_images": len(x), "op_types": g.cpu_op_types, "edgetpu_friendly": o.edgetpu_friendly,
+                "edgetpu_friendly_op_types": g.edgetpu_friendly_op_types,
                 "calibration_names": [s.path for s in chosen]}
         pp["quant"].write_text(json.dumps(info, indent=1))
-        print(f"int8 TFLite: {pp['tflite']} ({pp['tflite'].stat().st_size / 1e6:.1f} MB), ops {ops}")
+        print(f"int8 TFLite: {pp['tflite']} ({pp['tflite'].stat().st_size / 1e6:.1f} MB), ops {g.cpu_op_types}"
+              + (f"; Edge-TPU-friendly graph {pp['edgetpu_friendly']}" if g.edgetpu_friendly else ""))
         return {"calibration_images": len(x)}
 
     run_step(o, "quantize", [pp["onnx"], pp["split"]], [pp["tflite"], pp["quant"]],
-             {"calib": o.calib, "etpu": o.edgetpu_friendly, "seed": o.seed}, go)
+             {"calib": o.calib, "etpu": o.edgetpu_friendly, "seed": o.seed, "graphs": 2}, go)
 
 
 def edgetpu(o: Options) -> Path | None:
+    """Compile the Edge-TPU-friendly graph with Coral's compiler, where it is installed."""
     from convert.quantize import compile_edgetpu
 
     pp = paths(o)
-    out = compile_edgetpu(pp["tflite"], o.work / "edgetpu")
+    if not pp["edgetpu_friendly"].exists():
+        log.warning("no Edge-TPU-friendly graph in %s (run quantize without --keep-leakyrelu)", o.work)
+        return None
+    out = compile_edgetpu(pp["edgetpu_friendly"], o.work / "edgetpu")
     if out is None:
         pp["edgetpu"].unlink(missing_ok=True)
         return None
@@ -241,9 +254,10 @@ def edgetpu(o: Options) -> Path | None:
 
 
 def features(o: Options) -> None:
+    """Features of every split, of the shift suite and of the out-of-distribution sets, via device/ code."""
+    from convert.evaluate_sets import ood_sets, shift_sets
     from convert.export import float_features_onnx
-    from convert.train import SCALE_BAR_BOX
-    from device.classifier import model_features
+    from device.calibrate import rbc_diameter
     from device.inference import TFLiteModel
 
     pp = paths(o)
@@ -251,66 +265,80 @@ def features(o: Options) -> None:
     def go():
         model = TFLiteModel(pp["tflite"], num_threads=2)
         size = model.input_spec.size
-        classes, xtr, ytr, _ = _load(o, "train", size)
-        _, xte, yte, items = _load(o, "test", size)
+        classes, parts, doc = data.read_split(pp["split"])
+        root = Path(doc["data_root"])
+        out: dict[str, np.ndarray] = {"classes": np.array(classes), "out_scale": np.float64(model.output_spec.scale),
+                                      "out_zero_point": np.int64(model.output_spec.zero_point)}
         t0 = time.time()
-        f_tr = np.stack([model_features(model, im) for im in xtr])
-        f_te = np.stack([model_features(model, im) for im in xte])
-        per_image = (time.time() - t0) / (len(xtr) + len(xte))
-        masked = xte.copy()
-        rows, cols = SCALE_BAR_BOX
-        if size == 224:
-            fill = np.median(masked.reshape(len(masked), -1, 3), axis=1).astype(np.uint8)
-            masked[:, rows, cols] = fill[:, None, None, :]
-        f_mask = np.stack([model_features(model, im) for im in masked])
-        f_float = float_features_onnx(pp["onnx"], xte)
-        f_probe = np.stack([model_features(model, im) for im in probe_frames(size, o.seed)])
-        np.savez_compressed(pp["features"], train=f_tr, test=f_te, test_masked=f_mask, test_float=f_float,
-                            probe=f_probe,
-                            y_train=ytr, y_test=yte, classes=np.array(classes),
-                            test_names=np.array([s.path for s in items]),
-                            out_scale=np.float64(model.output_spec.scale))
-        print(f"features: {f_tr.shape[0]} train + {f_te.shape[0]} test through device/ int8 code "
-              f"({per_image * 1000:.0f} ms/image here)")
+        sources = {}
+        for part in data.PARTS:
+            sources[part] = src = data.load_sources(root, parts[part])
+            out[part] = np.stack([screen(model, im, size)[0] for im in src])
+            out[f"y_{part}"] = np.array([classes.index(s.label) for s in parts[part]])
+            out[f"{part}_names"] = np.array([s.path for s in parts[part]])
+        d = [x for im in sources["train"] if (x := rbc_diameter(im)) is not None]
+        out["rbc_diameter_px"] = np.float64(np.median(d))
+        out["field_px"] = np.float64(sources["train"][0].shape[0])
+        n = sum(len(parts[p]) for p in data.PARTS)
+        per_image = (time.time() - t0) / n
+        _, x_te, _, _ = _load(o, "test", size)
+        out["test_float"] = float_features_onnx(pp["onnx"], x_te)
+        np.savez_compressed(pp["features"], **out)
+        print(f"features: {n} images through device/ int8 code ({per_image * 1000:.0f} ms/image here)")
+        geometry = (float(out["field_px"]), float(out["rbc_diameter_px"]))
+
+        def one(im: np.ndarray, side: float | None) -> tuple[np.ndarray, str]:
+            return screen(model, im, size, side)
+
+        np.savez_compressed(pp["shifts"], **shift_sets(sources["test"], geometry, one))
+        np.savez_compressed(pp["ood"], **ood_sets(geometry, one, o.seed))
         return {"ms_per_image": per_image * 1000}
 
-    run_step(o, "features", [pp["tflite"], pp["onnx"], pp["split"]], [pp["features"]], {}, go)
+    run_step(o, "features", [pp["tflite"], pp["onnx"], pp["split"]], [pp["features"], pp["shifts"], pp["ood"]],
+             {"version": 2}, go)
 
 
-PROBES = ("blank white slide", "blank pink slide", "black frame", "uniform noise", "grey gradient",
-          "saturated colour blocks")
+def screen(model, frame: np.ndarray, size: int, side_px: float | None = None) -> tuple[np.ndarray, str]:
+    """(dequantized features, quality-gate code) of one frame, exactly as the device computes them."""
+    from device.classifier import model_features
+    from device.quality import gate
 
-
-def probe_frames(size: int, seed: int = 0) -> list[np.ndarray]:
-    """Fields unlike any smear, for the report's out-of-distribution check (one per PROBES entry)."""
-    rng = np.random.default_rng(seed)
-    g = np.linspace(0, 255, size, dtype=np.float64)
-    blocks = np.zeros((size, size, 3), np.uint8)
-    h = size // 2
-    blocks[:h, :h] = (255, 0, 0)
-    blocks[:h, h:] = (0, 255, 0)
-    blocks[h:, :h] = (0, 0, 255)
-    blocks[h:, h:] = (255, 255, 0)
-    return [np.full((size, size, 3), 250, np.uint8), np.full((size, size, 3), (235, 200, 220), np.uint8),
-            np.zeros((size, size, 3), np.uint8), rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
-            np.repeat(np.tile(g, (size, 1))[..., None], 3, axis=2).astype(np.uint8), blocks]
+    prep, q = gate(frame, size, side_px=side_px)
+    return model_features(model, prep.rgb), q.code
 
 
 def head(o: Options) -> None:
-    from convert.fit import choose_k, fit_head
+    """mRMR + SVM on train; k, C, calibration, OOD method and threshold, decision thresholds on validation."""
+    from dataclasses import asdict
+
+    from convert.fit import choose_k, choose_thresholds, compare_ood, fit_head
     from device.head import save_head
 
     pp = paths(o)
 
     def go():
         z = np.load(pp["features"])
+        zo = np.load(pp["ood"])
         classes = [data.DISPLAY_NAMES.get(c, c) for c in z["classes"]]
-        sel = choose_k(z["train"], z["y_train"], criterion=o.criterion, seed=o.seed)
-        h, _, _ = fit_head(z["train"], z["y_train"], classes, sel.ranking[:sel.k], sel.C, o.seed)
+        benign = classes.index(data.DISPLAY_NAMES[data.BENIGN]) if data.DISPLAY_NAMES[data.BENIGN] in classes else 0
+        xtr, ytr, xva, yva = z["train"], z["y_train"], z["val"], z["y_val"]
+        sel = choose_k(xtr, ytr, xva, yva, criterion=o.criterion, seed=o.seed)
+        idx = sel.ranking[:sel.k]
+        sets = {"in:validation": (xva, np.array(["ok"] * len(xva)))}
+        for name in ("bccd|calibrated", "bccd|none", "synthetic"):
+            if name in zo.files:
+                sets[name] = (zo[name], zo[name + "|q"])
+        method, table = compare_ood(xtr, ytr, xva, yva, classes, idx, sel.C, o.seed, sets)
+        h = fit_head(xtr, ytr, xva, yva, classes, idx, sel.C, method, o.seed)
+        th, th_info = choose_thresholds(h, xva, yva, benign)
         save_head(pp["head"], h)
-        pp["selection"].write_text(json.dumps({"k": sel.k, "C": sel.C, "criterion": o.criterion,
-                                               "ranking": sel.ranking.tolist(), "cv": sel.cv}, indent=1))
-        print(f"head: mRMR ({o.criterion}) k={sel.k} (paper: 521), C={sel.C}, OOD threshold {h.ood_threshold:.2f}")
+        pp["selection"].write_text(json.dumps({
+            "k": sel.k, "C": sel.C, "criterion": o.criterion, "ranking": sel.ranking.tolist(), "table": sel.table,
+            "best_val_accuracy": sel.best, "one_se": sel.se, "ood_method": method, "ood_comparison": table,
+            "thresholds": asdict(th), "thresholds_info": th_info}, indent=1))
+        print(f"head: mRMR ({o.criterion}) k={sel.k} (paper: 521), C={sel.C}, OOD {method} > "
+              f"{h.ood_threshold:.3f}, thresholds {th}")
         return {"k": sel.k, "C": sel.C}
 
-    run_step(o, "head", [pp["features"]], [pp["head"], pp["selection"]], {"criterion": o.criterion, "seed": o.seed}, go)
+    run_step(o, "head", [pp["features"], pp["ood"]], [pp["head"], pp["selection"]],
+             {"criterion": o.criterion, "seed": o.seed, "version": 2}, go)

@@ -1,13 +1,20 @@
-"""Training DarkNet19 on the smear set (paper 000, Table 1; augmentations of paper 002).
+"""Training DarkNet19 on the smear set (paper 000, Table 1; augmentations of paper 002 and the shift families).
 
-SGD with momentum 0.9, initial LR 0.01, L2 1e-4, LR dropped x0.1 twice.
-CPU-friendly progressive resizing: most epochs at a low resolution, the last
-ones at the shipped 224 px so batch-norm statistics match deployment.
-Every epoch is checkpointed; a re-run resumes where it stopped.
+SGD with momentum 0.9, L2 1e-4, a cosine learning-rate schedule after a one-epoch warm-up.
+CPU-friendly progressive resizing: most epochs at a low resolution, the last ones at the shipped
+224 px so batch-norm statistics match deployment. The epoch kept is the one with the best accuracy
+on the validation split (never the test split). Every epoch is checkpointed; a re-run resumes.
+
+Every training image goes through the device's own :func:`device.preprocess.prepare` after
+augmentation, exactly as a camera frame does on the Pi: augmentation imitates what another lab,
+microscope or camera does to a field (stain, colour balance, hue, saturation, exposure, focus,
+magnification, JPEG, sensor noise, the eyepiece's dark surround); ``prepare`` then removes what it can
+(colour balance via the background, the surround) and the network learns to ignore the rest.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -19,31 +26,30 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from convert.darknet import DarkNet19
+from convert.figures import curves
+from device.preprocess import prepare
 
 log = logging.getLogger(__name__)
-
-#: Where the "10 um" scale-bar label sits in the 224x224 source images
-#: (rows, cols). Camera frames have no such label, so training hides it half
-#: of the time to stop the network from reading the label's colour.
-SCALE_BAR_BOX = (slice(196, 224), slice(180, 224))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     size: int = 224
     low_size: int = 128
-    low_epochs: int = 18
+    low_epochs: int = 14
     high_epochs: int = 3
     batch: int = 32
-    lr: float = 0.01
+    lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
     width: float = 1.0
     seed: int = 0
-    mask_corner_p: float = 0.5
+    #: Augmentation strength: 1.0 covers the shift suite's moderate strengths; 0 turns colour/blur/JPEG off.
+    shift_strength: float = 1.0
 
     @property
     def epochs(self) -> int:
@@ -52,51 +58,122 @@ class TrainConfig:
     def size_at(self, epoch: int) -> int:
         return self.low_size if epoch < self.low_epochs else self.size
 
-    def lr_at(self, epoch: int) -> float:
-        """Paper: LR 0.01 dropped x0.1; here at 60% of the run and for the last epoch."""
-        drop1 = max(1, round(0.6 * self.epochs))
-        lr = self.lr * (0.1 if epoch >= drop1 else 1.0)
-        if self.epochs > 2 and epoch == self.epochs - 1:
-            lr *= 0.1
-        return lr
+    def lr_at(self, epoch: float) -> float:
+        """Cosine from ``lr`` to 1% of it over the run (``epoch`` may be fractional)."""
+        return self.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(epoch / self.epochs, 1.0))))
 
 
-def mask_corner(x: torch.Tensor) -> torch.Tensor:
-    """Paint the scale-bar corner of (N,3,224,224) pixels with each image's median colour."""
-    rows, cols = SCALE_BAR_BOX
-    fill = x.flatten(2).median(dim=2).values[:, :, None, None]
-    x = x.clone()
-    x[:, :, rows, cols] = fill
-    return x
+def _u(gen: torch.Generator, n: int, lo: float, hi: float, *shape: int) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, mask_p: float) -> torch.Tensor:
-    """Flips, 90-degree rotations, shift/zoom/shear with nearest fill, brightness.
+def hue_matrix(angle: torch.Tensor) -> torch.Tensor:
+    """(N,3,3) rotations of RGB about the grey axis (a hue rotation that keeps grey grey)."""
+    c, s = torch.cos(angle), torch.sin(angle)
+    k = 1 / 3
+    r = math.sqrt(k)
+    m = torch.empty(len(angle), 3, 3)
+    m[:, 0, 0] = m[:, 1, 1] = m[:, 2, 2] = c + k * (1 - c)
+    m[:, 0, 1] = m[:, 1, 2] = m[:, 2, 0] = k * (1 - c) - r * s
+    m[:, 0, 2] = m[:, 1, 0] = m[:, 2, 1] = k * (1 - c) + r * s
+    return m
 
-    ``x`` is (N,3,H,W) float pixels 0..255 at source resolution.
-    """
+
+def _maybe(gen: torch.Generator, n: int, p: float) -> torch.Tensor:
+    return (torch.rand(n, generator=gen) < p).float()
+
+
+def augment_geometry(x: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor:
+    """90-degree rotations, flips, zoom (magnification +-25%), shear, shift; ``x`` (N,3,H,W) 0..255."""
     n = x.shape[0]
-    if mask_p > 0 and x.shape[-1] == 224:
-        m = torch.rand(n, generator=gen) < mask_p
-        if m.any():
-            x[m] = mask_corner(x[m])
-    k = int(torch.randint(0, 4, (1,), generator=gen))
-    x = torch.rot90(x, k, dims=(2, 3))
+    x = torch.rot90(x, int(torch.randint(0, 4, (1,), generator=gen)), dims=(2, 3))
     flip = torch.rand(n, generator=gen) < 0.5
     x[flip] = x[flip].flip(3)
-    # Affine: zoom 0.9..1.1, shear +-0.15, shift +-10% (paper 002's ranges).
-    zoom = 1 + (torch.rand(n, generator=gen) - 0.5) * 0.2
-    shear = (torch.rand(n, generator=gen) - 0.5) * 0.3
-    shift = (torch.rand(n, 2, generator=gen) - 0.5) * 0.2
+    zoom = torch.exp(_u(gen, n, -1, 1) * math.log(1 + 0.25 * max(strength, 0.4)))
+    shear = _u(gen, n, -0.1, 0.1)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = 1 / zoom
     theta[:, 0, 1] = shear
     theta[:, 1, 1] = 1 / zoom
-    theta[:, :, 2] = shift
+    theta[:, :, 2] = _u(gen, n, -0.1, 0.1, 2)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    gain = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.2
-    return (x * gain).clamp(0, 255)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def augment_colour(x: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor:
+    """Stain (optical density), colour balance, hue, saturation, gamma, defocus and sensor noise."""
+    n, st = x.shape[0], strength
+    if st <= 0:
+        return x
+    # Stain amount and hue per channel in optical-density space (Beer-Lambert): OD = -log(I / I0).
+    od = -torch.log((x + 1) / 256)
+    m = _maybe(gen, n, 0.8)[:, None, None, None]
+    alpha = 1 + m * _u(gen, n, -0.25 * st, 0.25 * st, 3, 1, 1)
+    beta = m * _u(gen, n, -0.05 * st, 0.05 * st, 3, 1, 1)
+    x = (256 * torch.exp(-(od * alpha + beta)) - 1)
+    # Colour balance (RGB gains): the background normalisation removes most of it, not where clipped.
+    x = x * (1 + _maybe(gen, n, 0.5)[:, None, None, None] * _u(gen, n, -0.15 * st, 0.15 * st, 3, 1, 1))
+    # Hue rotation about the grey axis and saturation.
+    ang = _maybe(gen, n, 0.5) * _u(gen, n, -math.radians(20) * st, math.radians(20) * st)
+    x = torch.einsum("nij,njhw->nihw", hue_matrix(ang), x)
+    grey = x.mean(1, keepdim=True)
+    sat = 1 + _maybe(gen, n, 0.5)[:, None, None, None] * _u(gen, n, -0.35 * st, 0.35 * st, 1, 1, 1)
+    x = grey + sat * (x - grey)
+    # Exposure: gamma and brightness.
+    x = x.clamp(0, 255)
+    gamma = torch.exp(_maybe(gen, n, 0.5) * _u(gen, n, -0.25 * st, 0.25 * st))[:, None, None, None]
+    gain = 1 + _maybe(gen, n, 0.5)[:, None, None, None] * _u(gen, n, -0.15 * st, 0.1 * st, 1, 1, 1)
+    x = 255 * (x / 255) ** gamma * gain
+    # Slight defocus: a Gaussian blur, sigma up to 1.2 px, on a third of the images.
+    sig = _maybe(gen, n, 0.33) * _u(gen, n, 0.3, 0.3 + 0.9 * st)
+    if bool((sig > 0).any()):
+        t = torch.arange(-3, 4, dtype=torch.float32)
+        k = torch.exp(-(t[None] ** 2) / (2 * sig[:, None].clamp(min=1e-3) ** 2))
+        k = torch.where(sig[:, None] > 0, k, (t[None] == 0).float())
+        k = k / k.sum(1, keepdim=True)
+        xs = x.reshape(1, n * 3, *x.shape[2:])
+        kk = k.repeat_interleave(3, 0)
+        xs = F.conv2d(F.pad(xs, (3, 3, 0, 0), mode="reflect"), kk[:, None, None, :], groups=n * 3)
+        xs = F.conv2d(F.pad(xs, (0, 0, 3, 3), mode="reflect"), kk[:, None, :, None], groups=n * 3)
+        x = xs.reshape(x.shape)
+    # Sensor noise.
+    noise = _maybe(gen, n, 0.3)[:, None, None, None] * _u(gen, n, 0, 6 * st, 1, 1, 1)
+    x = x + noise * torch.randn(x.shape, generator=gen)
+    return x.clamp(0, 255)
+
+
+def eyepiece(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The field as the lit disc of an eyepiece: dark outside a circle of radius 0.5..0.72 of the side."""
+    s = img.shape[0]
+    r = rng.uniform(0.5, 0.66) * s
+    cx, cy = s / 2 + rng.uniform(-0.04, 0.04) * s, s / 2 + rng.uniform(-0.04, 0.04) * s
+    yy, xx = np.ogrid[:s, :s]
+    out = img.copy()
+    out[(xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 > r * r] = rng.integers(0, 25)
+    return out
+
+
+def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Source images (N,3,S,S) float 0..255 -> augmented and then prepared by the device code, (N,S,S,3) uint8.
+
+    At a low training resolution the sources are shrunk first (cheaper, and ``prepare`` is size-agnostic).
+    """
+    x = augment_colour(augment_geometry(x, gen, strength), gen, strength)
+    imgs = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = np.empty_like(imgs)
+    for i, im in enumerate(imgs):
+        if strength > 0 and rng.random() < 0.3:
+            im = jpeg(im, int(rng.integers(30, 91)))
+        if rng.random() < 0.25:
+            im = eyepiece(im, rng)
+        out[i] = prepare(im, im.shape[0], side_px=im.shape[0]).rgb
+    return out
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -110,32 +187,37 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(net: DarkNet19, rgb: np.ndarray, size: int, batch: int = 64, masked: bool = False) -> np.ndarray:
-    """Softmax probabilities for (N,H,W,3) uint8 images."""
+def predict(net: DarkNet19, rgb: np.ndarray, size: int, batch: int = 64) -> np.ndarray:
+    """Softmax probabilities for (N,H,W,3) uint8 prepared images."""
     net.eval()
     out = []
     for i in range(0, len(rgb), batch):
         x = to_tensor(rgb[i:i + batch])
-        if masked:
-            x = mask_corner(x)
         out.append(torch.softmax(net(resize(x, size)), 1).numpy())
     return np.concatenate(out) if out else np.zeros((0, net.classifier.out_features), np.float32)
 
 
-def train(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+def train(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
           num_classes: int, out_dir: Path) -> DarkNet19:
-    """Train (or resume) and return the network; writes checkpoints, history and curves to ``out_dir``."""
+    """Train (or resume); return the network of the best validation epoch.
+
+    ``x_train`` are source images (scale bar painted over), augmented and prepared per batch;
+    ``x_val`` are already prepared by the device code. Writes checkpoints, history and curves to ``out_dir``.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(os.cpu_count() or 1)
     net = DarkNet19(num_classes, width=cfg.width)
-    flat = x_train.reshape(-1, 3).astype(np.float64)
+    # Input normalisation (inside the graph) from the prepared, un-augmented training images.
+    sample = np.stack([prepare(im, im.shape[0], side_px=im.shape[0]).rgb for im in x_train[::4]])
+    flat = sample.reshape(-1, 3).astype(np.float64)
     net.set_normalisation(flat.mean(0), flat.std(0) + 1e-3)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    ckpt = out_dir / "last.pt"
+    ckpt, best_path = out_dir / "last.pt", out_dir / "best.pt"
     history: list[dict] = []
     start = 0
     gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         if state["config"] == asdict(cfg):
@@ -143,26 +225,28 @@ def train(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_test: np
             opt.load_state_dict(state["optim"])
             history, start = state["history"], state["epoch"] + 1
             gen.set_state(state["gen"])
+            rng.bit_generator.state = state["rng"]
             log.info("resuming from %s at epoch %d/%d", ckpt, start + 1, cfg.epochs)
         else:
             log.warning("checkpoint %s was made with another config; starting afresh", ckpt)
     ytr = torch.from_numpy(y_train).long()
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch)
     for epoch in range(start, cfg.epochs):
-        size, lr = cfg.size_at(epoch), cfg.lr_at(epoch)
+        size = cfg.size_at(epoch)
         net.train()
         perm = torch.randperm(len(x_train), generator=gen)
         t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs} {size}px lr={lr:g}",
-                   unit="batch", dynamic_ncols=True, mininterval=2.0)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs} {size}px",
+                   unit="batch", dynamic_ncols=True, mininterval=5.0)
         for step in bar:
             idx = perm[step * cfg.batch:(step + 1) * cfg.batch]
             if len(idx) < 2:
                 continue
-            warm = min(1.0, (step + 1) / steps_per_epoch) if epoch == 0 else 1.0  # linear warm-up
+            e = epoch + step / steps_per_epoch
+            lr = cfg.lr_at(e) * min(1.0, 0.1 + 0.9 * e)  # one-epoch linear warm-up
             for g in opt.param_groups:
-                g["lr"] = lr * (0.1 + 0.9 * warm)
-            x = resize(augment(to_tensor(x_train[idx.numpy()]), gen, cfg.mask_corner_p), size)
+                g["lr"] = lr
+            x = to_tensor(augment(resize(to_tensor(x_train[idx.numpy()]), size), gen, rng, cfg.shift_strength))
             y = ytr[idx]
             logits = net(x)
             loss = F.cross_entropy(logits, y)
@@ -170,40 +254,32 @@ def train(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_test: np
             loss.backward()
             opt.step()
             seen += len(idx)
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == y).sum())
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.4f}",
                             ips=f"{seen / (time.time() - t0):.1f}")
         bar.close()
-        probs = predict(net, x_test, size)
-        test_acc = float((probs.argmax(1) == y_test).mean()) if len(y_test) else float("nan")
+        probs = predict(net, x_val, size)
+        val_acc = float((probs.argmax(1) == y_val).mean()) if len(y_val) else float("nan")
         rec = {"epoch": epoch + 1, "size": size, "lr": lr, "train_loss": loss_sum / max(seen, 1),
-               "train_acc": correct / max(seen, 1), "test_acc": test_acc, "seconds": time.time() - t0}
+               "train_acc": correct / max(seen, 1), "val_acc": val_acc, "seconds": time.time() - t0}
         history.append(rec)
-        log.info("epoch %d: loss %.4f train %.4f test %.4f (%.0f s)", epoch + 1, rec["train_loss"],
-                 rec["train_acc"], test_acc, rec["seconds"])
+        log.info("epoch %d: loss %.4f train %.4f val %.4f (%.0f s)", epoch + 1, rec["train_loss"],
+                 rec["train_acc"], val_acc, rec["seconds"])
+        # The kept network: best validation accuracy among the epochs at the shipped size (ties: later).
+        at_size = [h for h in history if h["size"] == cfg.size]
+        if size == cfg.size and val_acc >= max(h["val_acc"] for h in at_size):
+            torch.save({"model": net.state_dict(), "epoch": epoch + 1, "val_acc": val_acc}, out_dir / "best.tmp")
+            os.replace(out_dir / "best.tmp", best_path)
         torch.save({"model": net.state_dict(), "optim": opt.state_dict(), "epoch": epoch, "history": history,
-                    "config": asdict(cfg), "gen": gen.get_state()}, out_dir / "last.tmp")
+                    "config": asdict(cfg), "gen": gen.get_state(), "rng": rng.bit_generator.state},
+                   out_dir / "last.tmp")
         os.replace(out_dir / "last.tmp", ckpt)
         (out_dir / "history.json").write_text(json.dumps(history, indent=1))
-        plot_curves(history, out_dir / "curves.png")
+        curves(history, out_dir / "curves.png")
+    if best_path.exists():
+        best = torch.load(best_path, weights_only=False)
+        net.load_state_dict(best["model"])
+        log.info("kept epoch %d (validation accuracy %.4f)", best["epoch"], best["val_acc"])
     net.eval()
     return net
-
-
-def plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    a.plot(ep, [h["train_loss"] for h in history], marker="o")
-    a.set_xlabel("epoch"), a.set_ylabel("training loss"), a.grid(alpha=0.3)
-    b.plot(ep, [h["train_acc"] for h in history], marker="o", label="train (augmented)")
-    b.plot(ep, [h["test_acc"] for h in history], marker="s", label="held-out 30%")
-    b.set_xlabel("epoch"), b.set_ylabel("accuracy"), b.grid(alpha=0.3), b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

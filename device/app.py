@@ -40,13 +40,17 @@ START_FAULT_HOLD_S = 120.0
 MOCK_FAULT_HOLD_S = 0.0
 
 
-def source_factory(res: Resolved) -> tuple[Callable[[], FrameSource], str]:
-    """A function that opens the configured frame source (called again after every camera fault)."""
+def source_factory(res: Resolved, model_size: int | None = None) -> tuple[Callable[[], FrameSource], str]:
+    """A function that opens the configured frame source (called again after every camera fault).
+
+    ``model_size``: the camera also streams the view at the model's input size (picamera2's lores stream),
+    which the loop classifies while it stores the main stream.
+    """
     cam = res.config.camera
     hold = cam.interval_ms / 1000.0
     if res.source == "picamera2":
-        return (lambda: Picamera2Source(cam.size, lock_after_s=cam.lock_after_s, timeout_s=cam.read_timeout_s),
-                "camera")
+        return (lambda: Picamera2Source(cam.size, lock_after_s=cam.lock_after_s, timeout_s=cam.read_timeout_s,
+                                        lores=model_size), "camera")
     if res.source == "replay":
         return lambda: ReplaySource(res.replay_dir, loop=cam.loop, hold_s=hold), "replay"
     if res.source == "files":
@@ -195,7 +199,8 @@ def build(cfg: Config, *, on_pi: bool | None = None, notifier: Notifier | None =
     notifier = notifier or Notifier()
     notifier.status("loading the model")
     v = verify_bundle(res.model_dir, res.keys_dir, require_signature=cfg.model.require_signature,
-                      threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu, references=False)
+                      threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu, references=False,
+                      rbc_diameter_px=cfg.camera.rbc_diameter_px)
     bundle, classifier = v.bundle, v.classifier
     log.info("bundle %s (%s) from %s, %s; model on %s, %s", bundle.id, bundle.name, res.model_dir,
              v.signed.describe() if v.signed else "NOT signature-checked", classifier.model.delegate,
@@ -205,7 +210,7 @@ def build(cfg: Config, *, on_pi: bool | None = None, notifier: Notifier | None =
     try:
         token = ensure_token(res.state_dir, cfg.web.token)
         leds = make_leds(cfg, res.mock_gpio)
-        factory, kind = source_factory(res)
+        factory, kind = source_factory(res, model_size=bundle.input.size)
         service = Service(cfg, bundle=bundle, classifier=classifier, store=store, source_factory=factory,
                           source_kind=kind, leds=leds, notifier=notifier, token=token, state_dir=res.state_dir,
                           installed=installed(res.bundles_dir, res.factory_dir))

@@ -21,14 +21,25 @@ from device.reference import References, read_references
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
+#: 2: out-of-distribution method in the head, benign threshold, field scale (RBC diameter) in the input.
+SCHEMA = 2
 MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    confidence: float  # below this the field is referred
+    """The decision thresholds, chosen by the toolchain on the validation split (see REPORT.md)."""
+
+    confidence: float  # an ALL subtype below this is referred
     all_probability: float  # P(ALL) above this raises the ALL alert even if the subtype is unsure
+    benign_confidence: float  # "Benign" needs this much: a missed ALL costs more than a referral
+
+
+@dataclass(frozen=True)
+class SlideModel:
+    field_false_alert: float  # P(ALL evidence | benign field), measured on held-out images
+    field_sensitivity: float  # P(ALL evidence | blast field)
+    duplicate_similarity: float  # fingerprints at least this similar are the same field
 
 
 @dataclass(frozen=True)
@@ -41,10 +52,19 @@ class Bundle:
     n_features: int
     model_path: Path
     model_sha256: str
-    edgetpu_path: Path | None
+    edgetpu_path: Path | None  # compiled by edgetpu_compiler: used only with the Edge TPU delegate
     head: Head
     thresholds: Thresholds
+    #: The training field of view: its side and the median red-cell diameter in it, in source pixels.
+    #: A calibrated camera (``[camera] rbc_diameter_px``) takes ``field_px * camera_d / rbc_diameter_px``.
+    field_px: float
+    rbc_diameter_px: float
+    #: Per-field rates for the slide rule and the near-duplicate similarity (``manifest.json`` ``slide``).
+    slide: SlideModel
     manifest: dict = field(repr=False, compare=False)
+    # The uncompiled Edge-TPU-friendly graph (LeakyReLU rewritten; same calibration images as ``model_path``):
+    # the input of ``edgetpu_compiler``. Never run on the CPU, where the rewrite costs ~4x the whole invoke.
+    edgetpu_friendly_path: Path | None = None
     references: References | None = field(default=None, repr=False, compare=False)  # None in older bundles
 
     @property
@@ -147,8 +167,8 @@ def load_bundle(root: str | Path) -> Bundle:
                           "update the device software or rebuild the bundle")
     files = _get(doc, "files", where)
     model = _verified(root, _get(doc, "files.model", where), "files.model", where)
-    edgetpu = (_verified(root, files["edgetpu_model"], "files.edgetpu_model", where)
-               if "edgetpu_model" in files else None)
+    edgetpu, friendly = (_verified(root, files[key], f"files.{key}", where) if key in files else None
+                         for key in ("edgetpu_model", "model_edgetpu_friendly"))
     head_path = _verified(root, _get(doc, "files.head", where), "files.head", where)
     head = load_head(head_path)
     classes = tuple(_get(doc, "classes", where))
@@ -168,12 +188,26 @@ def load_bundle(root: str | Path) -> Bundle:
     inp = _get(doc, "input", where)
     spec = InputSpec(size=int(inp["size"]), scale=float(inp["scale"]), zero_point=int(inp["zero_point"]),
                      dtype=str(inp["dtype"]))
-    th = _get(doc, "thresholds", where)
     return Bundle(root=root, name=str(doc.get("name", root.name)), classes=classes, benign=benign, input=spec,
                   n_features=n_features, model_path=model, model_sha256=files["model"]["sha256"],
                   edgetpu_path=edgetpu, head=head,
-                  thresholds=Thresholds(float(th["confidence"]), float(th["all_probability"])), manifest=doc,
+                  thresholds=Thresholds(float(_get(doc, "thresholds.confidence", where)),
+                                        float(_get(doc, "thresholds.all_probability", where)),
+                                        float(_get(doc, "thresholds.benign_confidence", where))),
+                  field_px=float(_get(doc, "input.field_px", where)),
+                  rbc_diameter_px=float(_get(doc, "input.rbc_diameter_px", where)),
+                  slide=SlideModel(float(_get(doc, "slide.field_false_alert", where)),
+                                   float(_get(doc, "slide.field_sensitivity", where)),
+                                   float(_get(doc, "slide.duplicate_similarity", where))), manifest=doc,
+                  edgetpu_friendly_path=friendly,
                   references=_references(root, doc, len(classes), where))
+
+
+def side_px(bundle: Bundle, camera_rbc_diameter_px: float) -> float | None:
+    """Side of the square a calibrated camera takes so cells appear at the training scale (None: uncalibrated)."""
+    if camera_rbc_diameter_px <= 0:
+        return None
+    return bundle.field_px * camera_rbc_diameter_px / bundle.rbc_diameter_px
 
 
 def check_model_matches(bundle: Bundle, input_spec: InputSpec, n_out: int, where: Path) -> None:

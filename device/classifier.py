@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from device.bundle import Bundle, Thresholds, check_model_matches
-from device.head import Head, HeadOutput, evaluate
+from device.bundle import Bundle, Thresholds, check_model_matches, side_px
+from device.head import Head, HeadOutput, evaluate, standardise
 from device.inference import TFLiteModel
-from device.preprocess import frame_to_rgb, quantize_input
+from device.preprocess import Prepared, prepare, quantize_input
+from device.quality import Quality, QualityThresholds, gate
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +36,29 @@ class Verdict:
 
 
 def decide(head: Head, out: HeadOutput, benign: str, th: Thresholds) -> Verdict:
-    """The decision rule, pure: OOD -> refer; ALL likely -> alert; confident -> label."""
+    """The decision rule, pure: OOD -> refer; confident label -> label; ALL likely -> alert; else refer.
+
+    "Benign" needs ``th.benign_confidence`` (stricter than ``th.confidence``): calling a blast field
+    benign is the one error a screening aid must not make, so an unsure benign field is referred.
+    """
     classes = head.classes
     scores = {c: float(p) for c, p in zip(classes, out.probs)}
     p_all = float(sum(p for c, p in scores.items() if c != benign))
     top = classes[out.index]
     if out.distance > head.ood_threshold:
         return Verdict(REFER, None, False, out.confidence, scores,
-                       f"field unlike the training images (distance {out.distance:.2f} > {head.ood_threshold:.2f}); "
-                       "check slide, stain and magnification, or send to a haematologist",
+                       f"field unlike the training images (out-of-distribution score {out.distance:.2f} > "
+                       f"{head.ood_threshold:.2f}); check slide, stain and magnification, or send to a haematologist",
                        out.distance, p_all)
-    if out.confidence >= th.confidence:
+    need = th.benign_confidence if top == benign else th.confidence
+    if out.confidence >= need:
         return Verdict(OK, top, top != benign, out.confidence, scores, "", out.distance, p_all)
     if p_all >= th.all_probability:
         return Verdict(REFER, None, True, out.confidence, scores,
                        f"ALL likely (p={p_all:.2f}) but subtype uncertain (best {top} {out.confidence:.2f}); "
                        "send to a haematologist", out.distance, p_all)
     return Verdict(REFER, None, False, out.confidence, scores,
-                   f"low confidence (best {top} {out.confidence:.2f} < {th.confidence:.2f}); "
+                   f"low confidence (best {top} {out.confidence:.2f} < {need:.2f}); "
                    "send to a haematologist", out.distance, p_all)
 
 
@@ -76,38 +82,80 @@ class Timed:
     preprocess_ms: float
     invoke_ms: float
     head_ms: float
+    #: The field's fingerprint (standardised selected features): near-duplicate fields of a slide are found by it.
+    fingerprint: np.ndarray | None = None
+    #: The model's raw quantized output (what the reference-image check compares across machines).
+    output: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Screened:
+    """One field through the whole device path: quality gate, then (if it passed) the classifier."""
+
+    quality: Quality
+    timed: Timed | None  # None when the gate asked for a retake
+    quality_ms: float
+
+
+def screen_field(clf: Classifier, frame: object, th: QualityThresholds) -> Screened:
+    """The field pipeline used by the loop, ``classify`` and ``selftest``: prepare once, gate, classify."""
+    t0 = time.perf_counter()
+    prep, q = gate(frame, clf.model.input_spec.size, th, side_px=clf.side_px)
+    t1 = time.perf_counter()
+    return Screened(q, clf.classify(prep) if q.ok and prep is not None else None, (t1 - t0) * 1000)
 
 
 class Classifier:
-    """A bundle and its loaded model; ``classify`` takes any HxWx3 uint8 RGB frame."""
+    """A bundle and its loaded model; ``classify`` takes any HxWx3 uint8 RGB frame.
 
-    def __init__(self, bundle: Bundle, model: TFLiteModel):
+    ``classify`` = ``infer(prepare(frame))``: the screening loop prepares the next frame on another thread
+    while this one's ``infer`` holds the interpreter (which is not thread-safe; only ``infer`` touches it).
+
+    ``rbc_diameter_px`` is the camera's calibration (``python -m device calibrate``): the median red-cell
+    diameter in frame pixels. With it, every frame is rescaled to the training scale; without it (0), the
+    lit field's bounding square is taken as the training field of view.
+    """
+
+    def __init__(self, bundle: Bundle, model: TFLiteModel, *, rbc_diameter_px: float = 0.0):
         check_model_matches(bundle, model.input_spec, model.output_spec.size, model.path)
         self.bundle, self.model = bundle, model
+        self.side_px = side_px(bundle, rbc_diameter_px)
 
     @classmethod
-    def open(cls, bundle: Bundle, *, num_threads: int = 4, use_edgetpu: bool = True) -> Classifier:
+    def open(cls, bundle: Bundle, *, num_threads: int = 4, use_edgetpu: bool = True,
+             rbc_diameter_px: float = 0.0) -> Classifier:
         model = TFLiteModel(bundle.model_path, num_threads=num_threads, edgetpu_path=bundle.edgetpu_path,
                             use_edgetpu=use_edgetpu)
-        clf = cls(bundle, model)
+        clf = cls(bundle, model, rbc_diameter_px=rbc_diameter_px)
         clf.features(np.full((bundle.input.size, bundle.input.size, 3), 200, np.uint8))  # warm-up
         return clf
 
     def features(self, rgb: np.ndarray) -> np.ndarray:
         return model_features(self.model, rgb)
 
-    def classify(self, frame: np.ndarray) -> Timed:
-        return self.screen(frame)[1]
+    def prepare(self, frame: np.ndarray) -> Prepared:
+        """The frame as the network will see it (and as the quality gate judges it): pure, thread-safe."""
+        return prepare(frame, self.model.input_spec.size, side_px=self.side_px)
 
-    def screen(self, frame: np.ndarray) -> tuple[np.ndarray, Timed]:
-        """``classify``, also returning the model's raw int8 output (the reference-image check compares it)."""
-        t0 = time.perf_counter()
-        rgb = frame_to_rgb(frame, self.model.input_spec.size)
+    def infer(self, prepared: Prepared) -> Timed:
+        """Features (:func:`model_features`), head and decision rule: the only method touching the interpreter."""
         t1 = time.perf_counter()
-        q = model_output(self.model, rgb)
-        feats = self.model.dequantize(q)
+        raw = model_output(self.model, prepared.rgb)
+        feats = self.model.dequantize(raw)
         t2 = time.perf_counter()
         out = evaluate(self.bundle.head, feats)
         verdict = decide(self.bundle.head, out, self.bundle.benign, self.bundle.thresholds)
         t3 = time.perf_counter()
-        return q, Timed(verdict, (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)
+        return Timed(verdict, 0.0, (t2 - t1) * 1000, (t3 - t2) * 1000, standardise(self.bundle.head, feats), raw)
+
+    def classify(self, frame: np.ndarray | Prepared) -> Timed:
+        """Verdict for a frame, or for a frame already made ready by :meth:`prepare`."""
+        t0 = time.perf_counter()
+        prep = frame if isinstance(frame, Prepared) else self.prepare(frame)
+        return replace(self.infer(prep), preprocess_ms=(time.perf_counter() - t0) * 1000)
+
+    def screen(self, frame: np.ndarray) -> tuple[np.ndarray, Timed]:
+        """``classify``, also returning the model's raw int8 output (the reference-image check compares it)."""
+        t = self.classify(frame)
+        assert t.output is not None
+        return t.output, t

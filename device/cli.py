@@ -103,13 +103,14 @@ def _open_classifier(cfg: config_mod.Config) -> Any:
 
     res = config_mod.resolve(cfg)
     return verify_bundle(res.model_dir, res.keys_dir, require_signature=cfg.model.require_signature,
-                         threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu, references=False).classifier
+                         threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu, references=False,
+                         rbc_diameter_px=cfg.camera.rbc_diameter_px).classifier
 
 
 def classify_one(clf: Any, path: Path, cfg: config_mod.Config) -> dict[str, Any]:
     """One image to the ``classify`` output record (status "error" when it cannot be decoded)."""
+    from device.classifier import screen_field
     from device.preprocess import load_image
-    from device.quality import assess
 
     out: dict[str, Any] = {"file": str(path)}
     try:
@@ -117,11 +118,11 @@ def classify_one(clf: Any, path: Path, cfg: config_mod.Config) -> dict[str, Any]
     except ImageError as exc:
         return {**out, "status": "error", "label": None, "all": False, "confidence": 0.0, "scores": {},
                 "reason": str(exc)}
-    q = assess(frame, cfg.quality)
-    if not q.ok:
+    s = screen_field(clf, frame, cfg.quality)
+    q, t = s.quality, s.timed
+    if t is None:
         return {**out, "status": "retake", "label": None, "all": False, "confidence": 0.0, "scores": {},
                 "reason": q.reason, "quality": q.figures()}
-    t = clf.classify(frame)
     v = t.verdict
     return {**out, "status": v.status, "label": v.label, "all": v.all, "confidence": round(v.confidence, 4),
             "scores": {k: round(p, 4) for k, p in v.scores.items()}, "reason": v.reason,
@@ -329,6 +330,42 @@ def cmd_bundles(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Measure the field scale (median red-cell diameter) from image files or the configured camera."""
+    from device.bundle import load_bundle, side_px
+    from device.calibrate import calibrate, write_to_config
+    from device.preprocess import load_image
+
+    cfg = _load_config(args.config)
+    res = config_mod.resolve(cfg)
+    if args.images:
+        frames = [np.asarray(load_image(p)) for p in args.images]
+    else:
+        from device.app import source_factory
+
+        factory, kind = source_factory(res)
+        src = factory()
+        try:
+            frames = [src.read().array for _ in range(args.frames)]
+        finally:
+            src.close()
+    cal = calibrate(frames)
+    bundle = load_bundle(res.model_dir)
+    side = side_px(bundle, cal.rbc_diameter_px)
+    print(f"median red-cell diameter {cal.rbc_diameter_px:.1f} px over {cal.fields} of {len(frames)} fields "
+          f"(training images: {bundle.rbc_diameter_px:.1f} px in a {bundle.field_px:.0f} px field): each field will be "
+          f"a {side:.0f} px square of the frame, resized to {bundle.input.size} px", flush=True)
+    if args.write:
+        if not cfg.path:
+            raise ConfigError("--write needs --config FILE (the file to update); or add "
+                              f"'rbc_diameter_px = {cal.rbc_diameter_px:.2f}' under [camera] yourself")
+        write_to_config(Path(cfg.path), cal.rbc_diameter_px)
+        _load_config(str(cfg.path))  # the file must still be valid
+        print(f"wrote [camera] rbc_diameter_px = {cal.rbc_diameter_px:.2f} to {cfg.path}; restart the service",
+              flush=True)
+    return EXIT_OK
+
+
 # -- entry ----------------------------------------------------------------------------------------------------
 
 
@@ -369,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-restart", action="store_true", help="do not restart the systemd service afterwards")
     r.set_defaults(fn=cmd_rollback)
     with_config(sub.add_parser("bundles", help="show the active and previous bundle")).set_defaults(fn=cmd_bundles)
+    cal = with_config(sub.add_parser("calibrate", help="measure the field scale (median red-cell diameter)"))
+    cal.add_argument("images", nargs="*", metavar="IMAGE", help="fields to measure (default: read the camera)")
+    cal.add_argument("--frames", type=int, default=12, help="camera frames to measure (default 12)")
+    cal.add_argument("--write", action="store_true", help="write the result into the --config file")
+    cal.set_defaults(fn=cmd_calibrate)
     return p
 
 

@@ -4,7 +4,10 @@ ai-edge-litert (Google's current wheel) is preferred; tflite-runtime is the
 fallback on images that only ship that. Both are imported lazily, here and
 nowhere else, so the rest of ``device/`` (and its tests) never needs them.
 The Edge TPU delegate is used only when ``libedgetpu.so.1`` loads *and* the
-bundle has an Edge-TPU-compiled model; otherwise the CPU (XNNPACK) runs it.
+bundle has an Edge-TPU-compiled model; otherwise the CPU (XNNPACK) runs the
+bundle's CPU graph (native LEAKY_RELU). The bundle's uncompiled
+Edge-TPU-friendly graph (LeakyReLU rewritten as MUL/MINIMUM/RELU/ADD) is the
+compiler's input only: on a CPU the rewrite is several times slower.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ class Verified:
 
 
 def verify_bundle(folder: Path, keys_dir: Path, *, require_signature: bool = True, threads: int = 1,
-                  use_edgetpu: bool = False, references: bool = True) -> Verified:
+                  use_edgetpu: bool = False, references: bool = True, rbc_diameter_px: float = 0.0) -> Verified:
     """Everything a bundle must pass before this box runs it; the first failure raises, naming what and why.
 
     Order: signature (who made it: nothing untrusted is parsed further), sha256 of every file + schema +
@@ -130,7 +130,7 @@ def verify_bundle(folder: Path, keys_dir: Path, *, require_signature: bool = Tru
             raise
         log.warning("%s: running WITHOUT a verified signature ([model] require_signature = false): %s", folder, exc)
     bundle = load_bundle(folder)
-    clf = Classifier.open(bundle, num_threads=threads, use_edgetpu=use_edgetpu)
+    clf = Classifier.open(bundle, num_threads=threads, use_edgetpu=use_edgetpu, rbc_diameter_px=rbc_diameter_px)
     summary = check_references(bundle, clf) if references else "reference images: not checked"
     return Verified(bundle, clf, signed, summary)
 

@@ -115,11 +115,7 @@ def _to_rgb8(img: Image.Image, label: str) -> Image.Image:
 
 
 def fit_square(img: Image.Image, size: int) -> np.ndarray:
-    """Centre-crop to a square and resize to ``size`` with PIL's bilinear filter.
-
-    Returns a contiguous ``(size, size, 3)`` uint8 array. The eyepiece image is
-    a circle inside a wider frame, so the centre square is the useful field.
-    """
+    """Centre-crop to a square and resize to ``size`` with PIL's bilinear filter (uint8 HxWx3)."""
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
@@ -130,13 +126,134 @@ def fit_square(img: Image.Image, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
 
 
-def frame_to_rgb(frame: np.ndarray, size: int) -> np.ndarray:
-    """Camera frames (HxWx3 uint8 RGB arrays) to the model's square RGB."""
+# --------------------------------------------------------------------------- the field and its colour
+#: Every field's background (plasma and glass, the brightest part of any smear, near white in every lab)
+#: is mapped to this neutral grey level: one per-channel gain (a von Kries / white-patch correction) that
+#: removes lamp colour temperature, camera white balance and a lab's overall tint. 240 leaves headroom for
+#: the development images, whose background is close to clipping (mean R, G, B = 249, 255, 249).
+BACKGROUND_TARGET = 240.0
+#: The background is the median colour of the brightest 15% of the field's pixels.
+BACKGROUND_QUANTILE = 0.85
+#: Gains are bounded so that a dark or tinted frame is not amplified into something it is not; such a
+#: frame is refused by the quality gate, which reads the uncorrected pixels.
+GAIN_RANGE = (0.5, 3.0)
+#: A frame with more than this share of dark pixels has a dark surround: the lit disc of an eyepiece.
+DISC_MIN_DARK = 0.03
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+@dataclass(frozen=True)
+class Field:
+    """Where the lit field is in a camera frame (pixels of that frame)."""
+
+    cx: float
+    cy: float
+    radius: float  # of the lit disc; half the shorter side when there is no dark surround
+    disc: bool  # True: a lit disc inside a dark surround (an eyepiece image)
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """A frame made ready for the network, and what the quality gate needs from it."""
+
+    rgb: np.ndarray  # (S, S, 3) uint8, colour-normalised: exactly what the network sees
+    raw: np.ndarray  # (S, S, 3) uint8, same geometry before colour normalisation (exposure checks)
+    valid: np.ndarray  # (S, S) bool: pixels inside the lit field (not surround, not outside the frame)
+    background: tuple[float, float, float]  # estimated background colour of ``raw``
+    field: Field
+    side: float  # side of the square taken from the frame, in frame pixels
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma as float32."""
+    return rgb.astype(np.float32) @ LUMA
+
+
+def find_field(frame: np.ndarray) -> Field:
+    """Locate the lit eyepiece disc, or the whole frame when there is no dark surround.
+
+    Works on a subsampled grey image (long side ~256 px), so it costs well under a millisecond
+    whatever the sensor size. The radius is the largest of the area-equivalent radius and the lit
+    half-widths through the centroid, so a disc cut by the frame edges is still measured right.
+    """
+    h, w = frame.shape[:2]
+    step = max(1, max(h, w) // 256)
+    g = luma(frame[::step, ::step])
+    lit = g > max(16.0, 0.25 * float(np.percentile(g, 98)))
+    n = int(lit.sum())
+    if n > (1 - DISC_MIN_DARK) * lit.size or n < 0.05 * lit.size:  # no surround, or hardly lit: whole frame
+        return Field(w / 2, h / 2, min(h, w) / 2, False)
+    ys, xs = np.nonzero(lit)
+    iy, ix = int(round(ys.mean())), int(round(xs.mean()))
+    r = max(float(np.sqrt(n / np.pi)), lit[iy].sum() / 2, lit[:, ix].sum() / 2) * step
+    return Field((ix + 0.5) * step, (iy + 0.5) * step, r, True)
+
+
+def field_side(field: Field, frame_shape: tuple[int, ...], size_px: float | None) -> float:
+    """Side of the square taken from the frame.
+
+    ``size_px`` is the calibrated side (in frame pixels) that covers the model's training field of view;
+    uncalibrated, it is the disc's bounding square, or the frame's shorter side.
+    """
+    if size_px:
+        return float(size_px)
+    return 2 * field.radius if field.disc else float(min(frame_shape[:2]))
+
+
+def estimate_background(rgb: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Background colour: the per-channel median of the brightest pixels (``BACKGROUND_QUANTILE``)."""
+    px = rgb.reshape(-1, 3) if valid is None else rgb[valid]
+    if len(px) == 0:
+        return np.full(3, BACKGROUND_TARGET)
+    g = px.astype(np.float32) @ LUMA
+    cut = np.partition(g, int(BACKGROUND_QUANTILE * (len(g) - 1)))[int(BACKGROUND_QUANTILE * (len(g) - 1))]
+    return np.median(px[g >= cut], axis=0).astype(np.float64)
+
+
+def normalise_colour(rgb: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Scale each channel so the background becomes ``BACKGROUND_TARGET`` grey (uint8 in, uint8 out)."""
+    gain = np.clip(BACKGROUND_TARGET / np.maximum(background, 1.0), *GAIN_RANGE).astype(np.float32)
+    return np.clip(rgb.astype(np.float32) * gain + 0.5, 0, 255).astype(np.uint8)
+
+
+def prepare(frame: np.ndarray, size: int, *, side_px: float | None = None) -> Prepared:
+    """A camera frame or an image (HxWx3 uint8 RGB) to the network's input: the one code path.
+
+    1. find the lit field (:func:`find_field`); 2. take the square of side :func:`field_side` centred on it
+    and resize it to ``size`` (PIL bilinear, antialiased when shrinking); pixels outside the lit disc or
+    outside the frame become the background colour; 3. normalise colour from the background.
+    Training, int8 calibration, the head's features and the Pi all call this.
+    """
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
         raise ImageError(f"frame has shape {frame.shape} dtype {frame.dtype}; expected HxWx3 uint8 RGB")
-    if frame.shape[0] == size and frame.shape[1] == size:
-        return np.ascontiguousarray(frame)
-    return fit_square(Image.fromarray(frame, "RGB"), size)
+    h, w = frame.shape[:2]
+    field = find_field(frame)
+    side = field_side(field, frame.shape, side_px)
+    x0, y0 = field.cx - side / 2, field.cy - side / 2
+    k = size / side  # output pixels per frame pixel
+    img = Image.fromarray(np.ascontiguousarray(frame), "RGB")
+    f = int(1 / k / 2)  # shrinking by more than 2x: box-filter by an integer factor first (antialiasing)
+    if f >= 2:
+        img = img.reduce(f)
+    box = (x0 / f, y0 / f, (x0 + side) / f, (y0 + side) / f) if f >= 2 else (x0, y0, x0 + side, y0 + side)
+    raw = np.asarray(img.transform((size, size), Image.Transform.EXTENT, box, Image.Resampling.BILINEAR)).copy()
+    # Output pixel centres that fall inside the frame.
+    u = x0 + (np.arange(size) + 0.5) / k
+    v = y0 + (np.arange(size) + 0.5) / k
+    valid = ((v >= 0) & (v < h))[:, None] & ((u >= 0) & (u < w))[None, :]
+    if field.disc:
+        yy, xx = np.ogrid[:size, :size]
+        cx, cy, r = (field.cx - x0) * k, (field.cy - y0) * k, field.radius * k * 0.98  # 2% rim: lens vignette
+        valid &= (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r
+    bg = estimate_background(raw, valid)
+    if not valid.all():
+        raw[~valid] = np.rint(bg).astype(np.uint8)
+    return Prepared(normalise_colour(raw, bg), raw, valid, (float(bg[0]), float(bg[1]), float(bg[2])), field, side)
+
+
+def frame_to_rgb(frame: np.ndarray, size: int, *, side_px: float | None = None) -> np.ndarray:
+    """Camera frames (HxWx3 uint8 RGB arrays) to the model's input RGB (see :func:`prepare`)."""
+    return prepare(frame, size, side_px=side_px).rgb
 
 
 def quantize_input(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:

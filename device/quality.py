@@ -4,23 +4,22 @@ A frame that is out of focus, badly exposed or shows no stained cells is
 answered "retake" with the reason, never classified: the network would still
 produce a confident-looking label for it. Pure functions, numpy only.
 
-Every figure is computed on the centre square resized to :data:`ANALYSIS_SIZE`
-(the data set's 224 px), so the thresholds, which were set on the real
-images, mean the same thing whatever the camera's resolution. With the
-default thresholds every one of the 2,767 development images passes, with a
-margin (lowest sharpness 61 vs 20, lowest stained fraction 0.0038 vs 0.0015,
-brightness 169..245 vs 120..250, clipped at most 0.54 vs 0.7), while a
-Gaussian blur of radius 2 already fails (sharpness at most 13): see
-``tests/device/test_quality.py``.
+Every figure is computed on the frame as :func:`device.preprocess.prepare` makes it
+for the network: the lit field at :data:`ANALYSIS_SIZE` px and, once the camera is
+calibrated, at the training scale. So the thresholds, which were set on the real
+images, mean the same thing whatever the camera's resolution or magnification
+(see ``tests/device/test_quality.py`` and the figures in the class docstring).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from PIL import Image
+
+from device.preprocess import Prepared, luma, prepare
 
 #: Side of the square the figures are computed on (the data set's native size).
 ANALYSIS_SIZE = 224
@@ -90,28 +89,18 @@ def validate_frame(frame: object) -> str:
     return ""
 
 
-def analysis_square(frame: np.ndarray, size: int = ANALYSIS_SIZE) -> np.ndarray:
-    """Centre square of a valid frame at ``size`` px (bilinear), uint8 HxWx3."""
-    h, w = frame.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    sq = frame[top:top + side, left:left + side]
-    if side == size:
-        return np.ascontiguousarray(sq)
-    img = Image.fromarray(np.ascontiguousarray(sq), "RGB").resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
-
-
 def grey(rgb: np.ndarray) -> np.ndarray:
     """ITU-R 601 luma as float32."""
-    f = rgb.astype(np.float32)
-    return f[..., 0] * 0.299 + f[..., 1] * 0.587 + f[..., 2] * 0.114
+    return luma(rgb)
 
 
-def sharpness(g: np.ndarray) -> float:
-    """Variance of the 4-neighbour Laplacian: high for crisp cell edges, ~0 for blur."""
+def sharpness(g: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """Variance of the 4-neighbour Laplacian over the lit field: high for crisp cell edges, ~0 for blur."""
     lap = g[1:-1, :-2] + g[1:-1, 2:] + g[:-2, 1:-1] + g[2:, 1:-1] - 4.0 * g[1:-1, 1:-1]
-    return float(lap.astype(np.float64).var())
+    if valid is not None:
+        inner = valid[1:-1, 1:-1] & valid[1:-1, :-2] & valid[1:-1, 2:] & valid[:-2, 1:-1] & valid[2:, 1:-1]
+        lap = lap[inner]
+    return float(lap.astype(np.float64).var()) if lap.size else 0.0
 
 
 def stain_mask(rgb: np.ndarray) -> np.ndarray:
@@ -136,28 +125,55 @@ def erode(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def stained_fraction(rgb: np.ndarray) -> float:
+def stained_fraction(rgb: np.ndarray, valid: np.ndarray | None = None) -> float:
     """Share of the field covered by solid stained blobs (nuclei), not by tinted red-cell rims."""
-    return float(erode(stain_mask(rgb), 2).mean())
+    blobs = erode(stain_mask(rgb), 2)
+    return float(blobs[valid].mean() if valid is not None and valid.any() else blobs.mean())
 
 
-def figures(frame: np.ndarray) -> tuple[float, float, float, float]:
-    """(sharpness, brightness, clipped, stained) of a valid frame."""
-    sq = analysis_square(frame)
-    g = grey(sq)
-    white = (sq >= 250).all(axis=-1)
-    black = (sq <= 5).all(axis=-1)
-    clipped = float((white | black).mean())
-    return sharpness(g), float(g.mean()), clipped, stained_fraction(sq)
+def figures(prep: Prepared) -> tuple[float, float, float, float]:
+    """(sharpness, brightness, clipped, stained) of a prepared frame.
+
+    Exposure (brightness, clipping) is read from the uncorrected pixels; focus and stain from the
+    colour-normalised image the network sees, at the analysis scale, so a sharp field from another camera
+    is sharp here too and a blurred one is not rescued by its resolution.
+    """
+    v = prep.valid if not prep.valid.all() else None
+    raw = prep.raw[prep.valid] if v is not None else prep.raw.reshape(-1, 3)
+    clipped = float(((raw >= 250).all(axis=-1) | (raw <= 5).all(axis=-1)).mean()) if len(raw) else 1.0
+    bright = float(luma(raw).mean()) if len(raw) else 0.0
+    return sharpness(luma(prep.rgb), v), bright, clipped, stained_fraction(prep.rgb, v)
 
 
-def assess(frame: object, th: QualityThresholds = QualityThresholds()) -> Quality:
-    """The gate. Checks in the order a technician fixes them: exposure, focus, then the field."""
+def assess(frame: object, th: QualityThresholds = QualityThresholds(), *, side_px: float | None = None) -> Quality:
+    """The gate for a raw frame: prepares it at :data:`ANALYSIS_SIZE` (see :func:`assess_prepared`)."""
+    return gate(frame, ANALYSIS_SIZE, th, side_px=side_px)[1]
+
+
+def gate(frame: object, size: int, th: QualityThresholds = QualityThresholds(), *, side_px: float | None = None,
+         timings: dict[str, float] | None = None) -> tuple[Prepared | None, Quality]:
+    """Prepare ``frame`` for a ``size`` px network once and judge it: (prepared or None if invalid, quality).
+
+    A network of another size (a reduced test model) is judged on its own :data:`ANALYSIS_SIZE` preparation.
+    ``timings`` (if given) receives the milliseconds of "preprocess" and "quality".
+    """
+    t0 = time.perf_counter()
     problem = validate_frame(frame)
     if problem:
-        return Quality(False, INVALID, problem + "; check the camera connection and settings")
+        return None, Quality(False, INVALID, problem + "; check the camera connection and settings")
     assert isinstance(frame, np.ndarray)
-    sharp, bright, clipped, stained = figures(frame)
+    prep = prepare(frame, size, side_px=side_px)
+    t1 = time.perf_counter()
+    judged = prep if size == ANALYSIS_SIZE else prepare(frame, ANALYSIS_SIZE, side_px=side_px)
+    q = assess_prepared(judged, th)
+    if timings is not None:
+        timings.update(preprocess=round((t1 - t0) * 1000, 3), quality=round((time.perf_counter() - t1) * 1000, 3))
+    return prep, q
+
+
+def assess_prepared(prep: Prepared, th: QualityThresholds = QualityThresholds()) -> Quality:
+    """The gate. Checks in the order a technician fixes them: exposure, focus, then the field."""
+    sharp, bright, clipped, stained = figures(prep)
     figs = {"sharpness": sharp, "brightness": bright, "clipped": clipped, "stained": stained}
     if not all(math.isfinite(v) for v in figs.values()):  # pragma: no cover - uint8 input cannot do this
         return Quality(False, INVALID, "frame figures are not finite; the camera sent garbage", **figs)

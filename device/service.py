@@ -1,8 +1,19 @@
 """The screening loop: frame source -> change detection -> quality gate -> classifier -> durable record -> LEDs.
 
-One worker thread owns the camera and the classifier (a TFLite interpreter
-is not thread-safe); the web page's uploads, the button and slide commands
-are queued to it. The loop survives its hardware: a camera that raises,
+A three-stage pipeline, so that a field costs little more than its invoke:
+the *frames* thread captures the next frame, detects change, runs the
+quality gate and prepares the model input (:meth:`Service._stage`) while the
+*screening* thread invokes the model on the current one, and the *recorder*
+thread commits the previous result and only then shows it (LEDs, page).
+Only the screening thread touches the interpreter (it is not thread-safe);
+only one thread at a time touches the camera (the frames thread reads the
+next frame only when asked, after the last one was handed over). Results are
+committed and shown in the order they were captured; the recorder may lag
+the model by ``MAX_UNCOMMITTED`` results before the model waits for it. The
+web page's uploads, the button and slide commands are queued to the
+screening thread.
+
+The loop survives its hardware: a camera that raises,
 hangs (every read has a timeout) or sends garbage becomes a *fault* (LED
 fault pattern, on the page, in ``systemctl status``) and is reopened with
 exponential back-off until it works again; a store that cannot write is a
@@ -39,9 +50,17 @@ from device.errors import CameraError, ScreenError, StoreError
 from device.install import Installed
 from device.leds import V_ALL, V_BENIGN, V_REFER, V_RETAKE, AlertInputs, LedDriver, Pattern, alert_state
 from device.notify import Notifier
-from device.preprocess import load_image
-from device.quality import Quality, assess, validate_frame
-from device.slides import FieldKey, SlideRules, SlideVerdict, aggregate, aggregate_tally, field_key
+from device.preprocess import Prepared, load_image
+from device.quality import Quality, gate, validate_frame
+from device.slides import (
+    Deduplicator,
+    FieldKey,
+    SlideRules,
+    SlideVerdict,
+    aggregate,
+    aggregate_tally,
+    field_key,
+)
 from device.sources import Frame, FrameSource, SourceExhausted
 from device.store import FieldResult, ResultStore
 
@@ -149,12 +168,68 @@ class Fault:
 
 @dataclass
 class _Job:
-    kind: str  # "upload" | "capture" | "stop"
+    kind: str  # "upload" | "capture" | "frame" (the frames thread's next frame) | "stop"
     frame: np.ndarray | None = None
     name: str = ""
     done: threading.Event = field(default_factory=threading.Event)
     result: FieldResult | None = None
     error: BaseException | None = None
+    staged: Any = None  # "frame": a _Staged, SKIPPED (unchanged field) or None (nothing read)
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """A field after the stages that need no interpreter: capture, quality gate, model input."""
+
+    frame: Frame
+    source: str
+    quality: Quality
+    prepared: Prepared | None  # None when the quality gate says retake
+    timings: dict[str, float]
+    t0: float  # perf_counter() when its capture began (for the capture-to-shown latency)
+
+
+SKIPPED = "skipped"  # the frames thread's answer for an unchanged field
+#: Results classified but not yet committed: the recorder may lag the model by this many before the loop waits.
+MAX_UNCOMMITTED = 2
+
+
+class _Worker:
+    """One daemon thread running submitted calls in order (the frames stage, the recorder)."""
+
+    def __init__(self, name: str):
+        self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._idle = threading.Condition()
+        self._pending = 0
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._idle:
+            self._pending += 1
+        self._q.put(fn)
+
+    def _loop(self) -> None:
+        while True:
+            fn = self._q.get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except Exception:  # the submitted calls handle their own errors; this is a bug
+                log.exception("%s thread: a stage failed", self._thread.name)
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until everything submitted has run; False on time-out."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self) -> None:
+        self._q.put(None)
 
 
 class Service:
@@ -174,8 +249,9 @@ class Service:
         self.leds, self.notifier = leds, notifier or Notifier(address="")
         self.state_dir = Path(state_dir) if state_dir is not None else store.state_dir
         self.clock = clock
-        a = config.alerts
-        self.rules = SlideRules(a.all_fields, a.benign_fields, a.subtype_agreement, a.refer_fraction)
+        a, m = config.alerts, bundle.slide
+        self.rules = SlideRules(a.all_fields, a.benign_fields, a.subtype_agreement, a.refer_fraction,
+                                field_false_alert=m.field_false_alert, field_sensitivity=m.field_sensitivity)
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -192,6 +268,7 @@ class Service:
         self._slide_id: str | None = None
         self._slide_started: float | None = None
         self._slide_tally: Counter[FieldKey] = Counter()  # the open slide's fields, as counts
+        self._dedupe = Deduplicator(bundle.slide.duplicate_similarity)  # the open slide's recent fingerprints
         self._invoke_ms: deque[float] = deque(maxlen=200)
         self._field_ms: deque[float] = deque(maxlen=200)
         self._field_times: deque[float] = deque(maxlen=30)
@@ -205,6 +282,13 @@ class Service:
         self._backoff = config.camera.retry_min_s
         self._exhausted = False
         self._last_thumb: np.ndarray | None = None
+        self._next_capture = 0.0
+        # pipeline state, owned by the screening thread
+        self._in_flight = False  # the frames thread is capturing the next frame
+        self._force_next = False  # a button press in continuous mode: classify the next frame even if unchanged
+        self._frames: _Worker | None = None
+        self._recorder: _Worker | None = None
+        self._commit_slots = threading.BoundedSemaphore(MAX_UNCOMMITTED)
         self._update_leds()
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -216,6 +300,7 @@ class Service:
                 log.info("closed %d slide(s) left open by the last run: %s", len(closed), ", ".join(closed))
         except StoreError as exc:
             self._set_fault("storage", str(exc))
+        self._frames, self._recorder = _Worker("frames"), _Worker("recorder")
         self._thread = threading.Thread(target=self._run, name="screening", daemon=True)
         self._thread.start()
         with self._lock:
@@ -245,33 +330,25 @@ class Service:
     # -- the loop ------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        mode = self.config.trigger.mode
-        interval = self.config.trigger.interval_ms / 1000.0
+        continuous = self.config.trigger.mode == "continuous" and self.source_factory is not None
         if self.source_factory is not None:
             self._open_source()  # at once, also in button mode: the camera's exposure settles before a press
-        next_capture = self.clock()
+        self._next_capture = self.clock()
+        if continuous:
+            self._request_frame()
         while not self._stop.is_set():
-            now = self.clock()
-            if mode == "continuous" and not self._exhausted and self.source_factory is not None:
-                # after a camera fault, sleep until the back-off ends (not spin on a zero interval)
-                due = next_capture if self._source is not None else max(next_capture, self._retry_at)
-                wait = max(0.0, due - now)
-            else:
-                wait = 1.0
             try:
-                job = self._jobs.get(timeout=wait) if wait > 0 else self._jobs.get_nowait()
+                job = self._jobs.get(timeout=1.0)
             except queue.Empty:
                 job = None
             if self._stop.is_set():
+                if job is not None:
+                    self._jobs.put(job)  # _finish classifies a frame already read and fails the rest
                 break
             try:
-                if job is not None:
-                    ok = self._run_job(job)
-                elif mode == "continuous" and not self._exhausted and self.source_factory is not None:
-                    next_capture = self.clock() + interval
-                    ok = self._capture_pass(force=False)
-                else:
-                    ok = True  # idle in button mode (or nothing left to read): the loop is alive
+                # no job for a second: idle in button mode or after the source ended (alive), or waiting for a
+                # capture that is late (no ping)
+                ok = self._run_job(job) if job is not None else not self._in_flight
             except Exception as exc:  # a bug must not end the loop; no watchdog ping for this pass
                 log.exception("screening loop pass failed")
                 try:
@@ -283,14 +360,34 @@ class Service:
                 self._stop.wait(0.5)  # no hot spin if the error repeats
             if ok and not self._stop.is_set():
                 self._ping()
-        while True:  # fail what is still queued, so no web request waits for a loop that has ended
+        self._finish()
+        log.info("screening loop stopped")
+
+    def _finish(self) -> None:
+        """Every frame read is classified (or skipped) and every result recorded and shown before the loop ends.
+
+        A capture still in progress is abandoned after its read time-out; queued uploads and presses fail.
+        """
+        assert self._frames is not None and self._recorder is not None
+        if not self._frames.drain(self.config.camera.read_timeout_s + 2.0):
+            log.warning("the frames thread did not finish its capture; abandoning it")
+        while True:
             try:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 break
+            if job.kind == "frame" and isinstance(job.staged, _Staged):
+                try:
+                    self._classify_and_commit(job.staged)
+                except Exception:
+                    log.exception("the last frame could not be classified")
+                continue
             job.error = ScreenError("the appliance is stopping; try again when it is back")
             job.done.set()
-        log.info("screening loop stopped")
+        if not self._recorder.drain(30.0):
+            log.error("the recorder did not finish within 30 s; results still queued were NOT recorded")
+        self._frames.close()
+        self._recorder.close()
 
     def _ping(self) -> None:
         if self.notifier.watchdog():
@@ -299,12 +396,29 @@ class Service:
     def _run_job(self, job: _Job) -> bool:
         if job.kind == "stop":
             return False
+        if job.kind == "frame":
+            self._in_flight = False
+            got = job.staged
+            if not self._exhausted and not self._stop.is_set():
+                self._request_frame()  # the next frame is captured and prepared while this one is inferred
+            if got is None:
+                return self._exhausted  # nothing read: a fault (no ping) unless the source simply ended
+            if got is not SKIPPED:
+                self._classify_and_commit(got)
+            return True
         if job.kind == "capture":
+            if self._in_flight:  # continuous mode: the frame being captured is classified even if unchanged
+                self._force_next = True
+                return True
             with self._lock:
                 self._working = True
             self._update_leds()
             try:
-                return self._capture_pass(force=True)
+                got = self._capture_stage(force=True)
+                if got is None or got is SKIPPED:
+                    return self._exhausted
+                self._classify_and_commit(got, wait=True)
+                return True
             finally:
                 with self._lock:
                     self._working = False
@@ -312,13 +426,39 @@ class Service:
         if job.kind == "upload":
             try:
                 assert job.frame is not None
-                job.result = self._process(Frame(job.frame, job.name, time.time()), source="upload", capture_ms=0.0)
+                staged = self._stage(Frame(job.frame, job.name, time.time()), source="upload", capture_ms=0.0)
+                job.result = self._classify_and_commit(staged, wait=True)
             except BaseException as exc:
                 job.error = exc
             finally:
                 job.done.set()
             return job.error is None
         raise ValueError(f"unknown job {job.kind}")
+
+    # -- the frames stage (frames thread) ---------------------------------------------------------------------
+
+    def _request_frame(self) -> None:
+        """Ask the frames thread for the next field; it answers with a "frame" job. Screening thread only."""
+        assert self._frames is not None
+        due = self._next_capture if self._source is not None else max(self._next_capture, self._retry_at)
+        self._in_flight = True
+        self._frames.submit(lambda: self._jobs.put(_Job("frame", staged=self._acquire(due))))
+
+    def _acquire(self, due: float) -> Any:
+        """Frames thread: wait until the capture is due (interval, camera back-off), then capture and stage."""
+        wait = due - self.clock()
+        if wait > 0 and self._stop.wait(wait):
+            return None
+        self._next_capture = self.clock() + self.config.trigger.interval_ms / 1000.0
+        force, self._force_next = self._force_next, False
+        try:
+            return self._capture_stage(force=force)
+        except Exception as exc:  # a bug in a stage: a fault on the page, no watchdog ping, try the next frame
+            log.exception("the frames stage failed")
+            self._set_fault("inference", f"internal error preparing a frame ({type(exc).__name__}: {exc}); "
+                            "see the journal")
+            self._stop.wait(0.5)
+            return None
 
     # -- camera --------------------------------------------------------------------------------------------
 
@@ -382,56 +522,103 @@ class Service:
         self._clear_fault("camera")
         return frame, capture_ms
 
-    def _capture_pass(self, *, force: bool) -> bool:
+    def _capture_stage(self, *, force: bool) -> _Staged | str | None:
+        """Read a frame; SKIPPED when the field has not changed, None when nothing was read."""
         got = self._read_frame()
         if got is None:
-            return self._exhausted  # nothing read: a fault (no ping) unless the source simply ended
+            return None
         frame, capture_ms = got
         with self._lock:
             self._counts["frames"] += 1
-        thumb = thumbnail(frame.array)
+        thumb = thumbnail(frame.analysis)
         if not force and not frame_changed(self._last_thumb, thumb, self.config.trigger.change_threshold):
             with self._lock:
                 self._counts["skipped"] += 1
-            return True
+            return SKIPPED
         self._last_thumb = thumb
-        self._process(frame, source=self.source_kind, capture_ms=capture_ms)
-        return True
+        return self._stage(frame, source=self.source_kind, capture_ms=capture_ms)
 
     # -- one field -----------------------------------------------------------------------------------------
 
-    def _process(self, frame: Frame, *, source: str, capture_ms: float) -> FieldResult:
-        """Quality gate, classifier, durable record, then publish. Returns the recorded result."""
+    def _stage(self, frame: Frame, *, source: str, capture_ms: float) -> _Staged:
+        """Quality gate and model input: everything before the interpreter (any thread).
+
+        Both run on ``frame.analysis``: the camera's model-size stream when it has one, else the frame.
+        """
         t0 = time.perf_counter()
-        q: Quality = assess(frame.array, self.config.quality)
-        t1 = time.perf_counter()
-        timings = {"capture": round(capture_ms, 3), "quality": round((t1 - t0) * 1000, 3)}
-        if not q.ok:
+        img = frame.analysis
+        side = self.classifier.side_px  # calibrated in main-stream pixels; the analysis image may be smaller
+        if side is not None and img is not frame.array:
+            side *= img.shape[1] / frame.array.shape[1]
+        timings = {"capture": round(capture_ms, 3)}
+        prepared, q = gate(img, self.classifier.model.input_spec.size, self.config.quality, side_px=side,
+                           timings=timings)
+        return _Staged(frame, source, q, prepared if q.ok else None, timings, t0 - capture_ms / 1000.0)
+
+    def _classify_and_commit(self, staged: _Staged, *, wait: bool = False) -> FieldResult | None:
+        """Infer here (screening thread), then hand the result to the recorder; ``wait`` for its commit."""
+        result = self._infer(staged)
+        self._commit_slots.acquire()  # the recorder may lag by MAX_UNCOMMITTED results, no more
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def commit() -> None:
+            try:
+                box["result"] = self._commit(result, staged)
+            except BaseException as exc:
+                box["error"] = exc
+                if not wait:
+                    log.error("recording field %s failed: %s", result.name, exc)
+            finally:
+                self._commit_slots.release()
+                done.set()
+
+        assert self._recorder is not None
+        self._recorder.submit(commit)
+        if not wait:
+            return None
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def _infer(self, staged: _Staged) -> FieldResult:
+        """The interpreter's part (screening thread only): invoke, head, decision; the result is not recorded."""
+        q, timings = staged.quality, dict(staged.timings)
+        fingerprint = None
+        if staged.prepared is None:
             status, label, is_all, conf, scores, reason = "retake", None, False, 0.0, {}, q.reason
             dist = p_all = None
         else:
             try:
-                timed = self.classifier.classify(frame.array)
+                timed = self.classifier.infer(staged.prepared)
             except Exception as exc:
                 self._set_fault("inference", f"classification failed: {type(exc).__name__}: {exc}")
                 raise
             self._clear_fault("inference")
             v = timed.verdict
             status, label, is_all, conf, scores, reason = v.status, v.label, v.all, v.confidence, v.scores, v.reason
-            dist, p_all = v.distance, v.p_all
-            timings.update(preprocess=round(timed.preprocess_ms, 3), invoke=round(timed.invoke_ms, 3),
-                           head=round(timed.head_ms, 3))
+            dist, p_all, fingerprint = v.distance, v.p_all, timed.fingerprint
+            timings.update(invoke=round(timed.invoke_ms, 3), head=round(timed.head_ms, 3))
             with self._lock:
                 self._invoke_ms.append(timed.invoke_ms)
-        is_camera = source != "upload"
+        is_camera = staged.source != "upload"
         slide_id = self._ensure_slide() if is_camera else None
-        result = FieldResult(time=frame.t, status=status, label=label, all=bool(is_all), confidence=float(conf),
-                             scores=scores, reason=reason, quality=q, timings=timings,
-                             model_sha256=self.bundle.model_sha256, bundle=self.bundle.id, source=source,
-                             name=frame.name,
-                             slide_id=slide_id, distance=dist, p_all=p_all)
+        if slide_id is not None and fingerprint is not None and not self._dedupe.is_new(fingerprint):
+            # Refocusing or re-panning over one area: recorded, but no new evidence for the slide verdict.
+            slide_id = None
+            reason = (reason + "; " if reason else "") + "same area as an earlier field of the slide: not counted again"
+        frame = staged.frame
+        return FieldResult(time=frame.t, status=status, label=label, all=bool(is_all), confidence=float(conf),
+                           scores=scores, reason=reason, quality=q, timings=timings,
+                           model_sha256=self.bundle.model_sha256, bundle=self.bundle.id, source=staged.source,
+                           name=frame.name,
+                           slide_id=slide_id, distance=dist, p_all=p_all)
+
+    def _commit(self, result: FieldResult, staged: _Staged) -> FieldResult:
+        """Recorder thread: durable record, then publish (LEDs, page). Returns the recorded result."""
         try:
-            result = self.store.record(result, frame.array)  # durable before anything is shown
+            result = self.store.record(result, staged.frame.array)  # durable before anything is shown
             self._clear_fault("storage")
             if self.store.last_image_error:
                 log.debug("image not kept: %s", self.store.last_image_error)
@@ -440,8 +627,7 @@ class Service:
                 self._counts["store_errors"] += 1
             self._set_fault("storage", str(exc))
             log.error("result NOT recorded: %s", exc)
-        total_ms = capture_ms + (time.perf_counter() - t0) * 1000
-        self._publish(result, total_ms, is_camera)
+        self._publish(result, (time.perf_counter() - staged.t0) * 1000, staged.source != "upload")
         return result
 
     def _publish(self, r: FieldResult, total_ms: float, is_camera: bool) -> None:
@@ -475,6 +661,7 @@ class Service:
             return None
         with self._lock:
             self._slide_id, self._slide_started, self._slide_tally = sid, time.time(), Counter()
+            self._dedupe.reset()
             self._bump()
         log.info("slide %s started", sid)
         return sid
@@ -485,6 +672,7 @@ class Service:
         sid = self.store.start_slide()
         with self._lock:
             self._slide_id, self._slide_started, self._slide_tally = sid, time.time(), Counter()
+            self._dedupe.reset()
             self._bump()
         log.info("slide %s started", sid)
         return sid
@@ -501,7 +689,7 @@ class Service:
             self.store.end_slide(sid)
         except StoreError as exc:
             self._set_fault("storage", str(exc))
-        v = aggregate_tally(fields, self.bundle.benign, self.rules, self.bundle.classes)
+        v = aggregate_tally(fields, self.bundle.benign, self.rules, self.bundle.classes, closed=True)
         log.info("slide %s ended: %s%s (%s)", sid, v.verdict, f" {v.subtype}" if v.subtype else "", v.reason)
         return sid
 
@@ -517,9 +705,11 @@ class Service:
         with self._lock:
             if slide_id == self._slide_id:
                 return aggregate_tally(self._slide_tally, self.bundle.benign, self.rules, self.bundle.classes)
-        if self.store.slide(slide_id) is None:
+        slide = self.store.slide(slide_id)
+        if slide is None:
             return None
-        return aggregate(self.store.slide_fields(slide_id), self.bundle.benign, self.rules, self.bundle.classes)
+        return aggregate(self.store.slide_fields(slide_id), self.bundle.benign, self.rules, self.bundle.classes,
+                         closed=slide.ended is not None)
 
     # -- commands --------------------------------------------------------------------------------------------
 

@@ -1,18 +1,30 @@
 """Slide aggregation: from many field verdicts to one slide verdict (pure).
 
-One field can be misread; a slide is many fields. The slide is called ALL
-only when ALL is *confidently* seen in several fields, benign only after
-enough confident benign fields with no ALL evidence at all, and referred to
-a haematologist when its fields disagree (some ALL evidence but not enough,
-or too many uncertain fields). Anything else is "pending": keep scanning.
+One field can be misread; a slide is many fields. The rule is a pair of binomial tests on the number of
+distinct fields that show ALL evidence (a confident ALL label, or "ALL likely" with the subtype unsure),
+using the per-field error rates the toolchain measured on held-out images (``manifest.json``
+``slide``):
+
+* **ALL** when that number is more than a benign slide produces: P(X >= k | n, f) < ``false_alarm_risk``,
+  f = the rate at which benign fields raise ALL evidence (upper 95% bound), and k >= ``all_fields``.
+* **benign** when it is fewer than a slide with ``min_blast_fraction`` of blast fields would produce:
+  P(X <= k | n, q) < ``missed_risk``, q = b * sensitivity + (1 - b) * f, and n >= ``benign_fields``.
+* **refer** when too many fields were uncertain, or when the slide is closed before either test decides.
+* **pending** otherwise: scan more fields.
+
+n counts distinct fields only: the caller drops near-duplicate frames of one area (see
+:class:`Deduplicator`), so refocusing or re-panning adds no evidence.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import math
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import numpy as np
 
 PENDING, BENIGN, ALL, REFER = "pending", "benign", "ALL", "refer"
 
@@ -27,12 +39,17 @@ class FieldLike(Protocol):
 
 @dataclass(frozen=True)
 class SlideRules:
-    """``[alerts]`` in the config."""
+    """``[alerts]`` in the config, plus the per-field rates measured by the toolchain (from the bundle)."""
 
-    all_fields: int = 2
-    benign_fields: int = 10
+    all_fields: int = 2  # ALL is never called on fewer fields with ALL evidence
+    benign_fields: int = 30  # benign is never called on fewer distinct classified fields
     subtype_agreement: float = 0.6
     refer_fraction: float = 0.5
+    field_false_alert: float = 0.02  # P(ALL evidence | benign field), upper bound
+    field_sensitivity: float = 0.9  # P(ALL evidence | blast field), lower bound
+    min_blast_fraction: float = 0.05  # a slide with this share of blast fields must not be called benign
+    false_alarm_risk: float = 0.001
+    missed_risk: float = 0.005
 
 
 @dataclass(frozen=True)
@@ -45,11 +62,56 @@ class SlideVerdict:
     statuses: dict[str, int] = field(default_factory=dict)  # fields per status
     all_fields: int = 0  # fields where ALL was confidently seen
     all_likely: int = 0  # referred fields where ALL was likely but the subtype unsure
+    #: How sure the call is: 1 - the test's p-value for ALL or benign; None while pending or referred.
+    certainty: float | None = None
 
     def to_dict(self) -> dict:
         return {"verdict": self.verdict, "subtype": self.subtype, "reason": self.reason, "fields": self.fields,
                 "counts": dict(self.counts), "statuses": dict(self.statuses), "all_fields": self.all_fields,
-                "all_likely": self.all_likely}
+                "all_likely": self.all_likely, "certainty": self.certainty}
+
+
+def _log_pmf(i: int, n: int, p: float) -> float:
+    return (math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+            + i * math.log(p) + (n - i) * math.log1p(-p))
+
+
+def binom_sf(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    return min(1.0, sum(math.exp(_log_pmf(i, n, p)) for i in range(k, n + 1)))
+
+
+def binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p)."""
+    return 1.0 - binom_sf(k + 1, n, p)
+
+
+class Deduplicator:
+    """Is this field new? Cosine similarity of feature fingerprints against the slide's recent fields.
+
+    Refocusing, re-panning a little or a still camera give fingerprints above ``threshold`` (the toolchain
+    measures the value); a new area of the smear falls below it. Bounded memory: the last ``keep`` fields.
+    """
+
+    def __init__(self, threshold: float, keep: int = 64):
+        self.threshold = threshold
+        self._recent: deque[np.ndarray] = deque(maxlen=keep)
+
+    def reset(self) -> None:
+        self._recent.clear()
+
+    def is_new(self, fingerprint: np.ndarray) -> bool:
+        v = np.asarray(fingerprint, np.float64).ravel()
+        v = v / (np.linalg.norm(v) or 1.0)
+        if any(float(v @ r) >= self.threshold for r in self._recent):
+            return False
+        self._recent.append(v)
+        return True
 
 
 #: What aggregation keeps of a field: (status, label, all). A slide's fields reduce to a few counts of these, so a
@@ -67,14 +129,17 @@ def tally(fields: Iterable[FieldLike]) -> Counter[FieldKey]:
 
 
 def aggregate(fields: Iterable[FieldLike], benign: str, rules: SlideRules = SlideRules(),
-              classes: Iterable[str] = ()) -> SlideVerdict:
+              classes: Iterable[str] = (), *, closed: bool = False) -> SlideVerdict:
     """The slide verdict of ``fields`` (in any order). ``classes`` pre-fills zero counts."""
-    return aggregate_tally(tally(fields), benign, rules, classes)
+    return aggregate_tally(tally(fields), benign, rules, classes, closed=closed)
 
 
 def aggregate_tally(t: Mapping[FieldKey, int], benign: str, rules: SlideRules = SlideRules(),
-                    classes: Iterable[str] = ()) -> SlideVerdict:
-    """:func:`aggregate` from a :func:`tally` (O(distinct keys), whatever the number of fields)."""
+                    classes: Iterable[str] = (), *, closed: bool = False) -> SlideVerdict:
+    """:func:`aggregate` from a :func:`tally` (O(distinct keys) plus the binomial sums).
+
+    ``closed``: the technician ended the slide, so an undecided slide is referred rather than pending.
+    """
     counts: Counter[str] = Counter({c: 0 for c in classes})
     statuses: Counter[str] = Counter({"ok": 0, "retake": 0, "refer": 0})
     n = all_seen = all_likely = 0
@@ -91,32 +156,37 @@ def aggregate_tally(t: Mapping[FieldKey, int], benign: str, rules: SlideRules = 
                 all_labels[label] += k
         elif status == "refer" and is_all:
             all_likely += k
-    benign_n = counts.get(benign, 0)
     classified = statuses["ok"] + statuses["refer"]
+    evidence = all_seen + all_likely
     common = dict(fields=n, counts=dict(counts), statuses=dict(statuses), all_fields=all_seen,
                   all_likely=all_likely)
-
-    if all_seen >= rules.all_fields:
-        top, top_n = all_labels.most_common(1)[0]
-        tied = sum(1 for v in all_labels.values() if v == top_n) > 1
-        if not tied and top_n / all_seen >= rules.subtype_agreement:
-            return SlideVerdict(ALL, top, f"ALL seen in {all_seen} fields; subtype {top} in {top_n} of them",
-                                **common)
-        split = ", ".join(f"{k} {v}" for k, v in sorted(all_labels.items()))
-        return SlideVerdict(ALL, None, f"ALL seen in {all_seen} fields but the subtypes disagree ({split}); "
-                            "refer for subtyping", **common)
-    evidence = all_seen + all_likely
-    if evidence and benign_n >= rules.benign_fields:
-        return SlideVerdict(REFER, None, f"fields disagree: ALL evidence in {evidence} field(s) "
-                            f"(fewer than {rules.all_fields} confident) but {benign_n} benign; "
-                            "send to a haematologist", **common)
-    if evidence:
-        return SlideVerdict(PENDING, None, f"ALL evidence in {evidence} field(s); "
-                            f"scan more fields ({rules.all_fields} confident ALL fields make the call)", **common)
-    if classified and statuses["refer"] / classified >= rules.refer_fraction and classified >= rules.benign_fields:
+    f = rules.field_false_alert
+    p_all = binom_sf(evidence, classified, f)
+    if evidence >= rules.all_fields and p_all < rules.false_alarm_risk:
+        why = (f"ALL evidence in {evidence} of {classified} fields; a benign slide shows that many with "
+               f"p = {p_all:.1g}")
+        top_n = max(all_labels.values(), default=0)
+        tops = [k for k, v in all_labels.items() if v == top_n]
+        if all_seen and len(tops) == 1 and top_n / all_seen >= rules.subtype_agreement:
+            return SlideVerdict(ALL, tops[0], f"{why}; subtype {tops[0]} in {top_n} of {all_seen} confident fields",
+                                certainty=1 - p_all, **common)
+        split = ", ".join(f"{k} {v}" for k, v in sorted(all_labels.items())) or "none confident"
+        return SlideVerdict(ALL, None, f"{why}; the subtypes disagree ({split}): refer for subtyping",
+                            certainty=1 - p_all, **common)
+    if classified >= rules.benign_fields and statuses["refer"] / classified >= rules.refer_fraction:
         return SlideVerdict(REFER, None, f"{statuses['refer']} of {classified} fields were uncertain; "
                             "send to a haematologist", **common)
-    if benign_n >= rules.benign_fields:
-        return SlideVerdict(BENIGN, None, f"{benign_n} confident benign fields and no ALL", **common)
-    return SlideVerdict(PENDING, None, f"{benign_n} of {rules.benign_fields} benign fields needed; "
-                        "keep scanning", **common)
+    b = rules.min_blast_fraction
+    q = b * rules.field_sensitivity + (1 - b) * f
+    p_missed = binom_cdf(evidence, classified, q)
+    if classified >= rules.benign_fields and p_missed < rules.missed_risk:
+        return SlideVerdict(BENIGN, None, f"ALL evidence in {evidence} of {classified} fields; a slide with "
+                            f"{b:.0%} blast fields shows that few with p = {p_missed:.1g}",
+                            certainty=1 - p_missed, **common)
+    need = max(rules.benign_fields - classified, 0)
+    more = f"{need} more fields at least" if need else "more fields"
+    if closed:
+        return SlideVerdict(REFER, None, f"undecided after {classified} classified fields (ALL evidence in "
+                            f"{evidence}); send to a haematologist", **common)
+    return SlideVerdict(PENDING, None, f"ALL evidence in {evidence} of {classified} fields: too few to call ALL, "
+                        f"too many or too few fields to call benign; scan {more}", **common)

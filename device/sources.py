@@ -28,11 +28,22 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".
 
 @dataclass(frozen=True, eq=False)
 class Frame:
-    """One captured frame: HxWx3 uint8 RGB, a name for the record, and the capture time (epoch s)."""
+    """One captured frame: HxWx3 uint8 RGB, a name for the record, and the capture time (epoch s).
+
+    ``small`` is the same view at about the model's size when the camera
+    delivers one for free (picamera2's low-resolution stream, scaled by the
+    ISP): the loop then gates and classifies it, and stores ``array``.
+    """
 
     array: np.ndarray
     name: str
     t: float = field(default_factory=time.time)
+    small: np.ndarray | None = None
+
+    @property
+    def analysis(self) -> np.ndarray:
+        """What the quality gate and the classifier look at: ``small`` if there is one, else ``array``."""
+        return self.small if self.small is not None else self.array
 
 
 class SourceExhausted(Exception):
@@ -190,6 +201,47 @@ class SyntheticSource:
         pass
 
 
+def lores_size(main: tuple[int, int], short_side: int) -> tuple[int, int]:
+    """The low-resolution stream's (w, h): the main stream's aspect ratio (the ISP scales, it does not crop),
+    the short side at the model's input size, both even (YUV420 halves them)."""
+    w, h = main
+    long_side = 2 * round(short_side * max(w, h) / min(w, h) / 2)
+    short = 2 * round(short_side / 2)
+    return (long_side, short) if w >= h else (short, long_side)
+
+
+# Y'CbCr -> R'G'B' for the colour spaces libcamera gives a YUV stream: (Kr, Kb, full range?)
+_YUV_SPACES = {"sycc": (0.299, 0.114, True), "jpeg": (0.299, 0.114, True),
+               "smpte170m": (0.299, 0.114, False), "rec709": (0.2126, 0.0722, False)}
+
+
+def yuv420_to_rgb(buf: np.ndarray, size: tuple[int, int], colour_space: str = "sYCC") -> np.ndarray:
+    """Planar YUV420 as picamera2's ``make_array`` returns it ((h*3/2, stride) bytes) to HxWx3 uint8 RGB.
+
+    Chroma is repeated 2x2 (the model's own resize smooths more than that).
+    ``colour_space`` is libcamera's name for the stream's space; picamera2
+    gives sYCC (full-range BT.601, as JPEG) when the main stream is RGB.
+    """
+    w, h = size
+    key = colour_space.lower().replace("-", "").replace(" ", "")
+    kr, kb, full = next((v for k, v in _YUV_SPACES.items() if k in key), _YUV_SPACES["sycc"])
+    flat = np.ascontiguousarray(buf).reshape(-1)
+    stride = buf.shape[1] if buf.ndim == 2 else w
+    cs, ch = stride // 2, h // 2
+    y = flat[:h * stride].reshape(h, stride)[:, :w].astype(np.float32)
+    u = flat[h * stride:h * stride + ch * cs].reshape(ch, cs)[:, :w // 2].astype(np.float32) - 128.0
+    v = flat[h * stride + ch * cs:h * stride + 2 * ch * cs].reshape(ch, cs)[:, :w // 2].astype(np.float32) - 128.0
+    if not full:  # studio range: Y' 16..235, Cb/Cr 16..240
+        y, u, v = (y - 16.0) * (255.0 / 219.0), u * (255.0 / 224.0), v * (255.0 / 224.0)
+    u = u.repeat(2, axis=0).repeat(2, axis=1)[:h, :w]
+    v = v.repeat(2, axis=0).repeat(2, axis=1)[:h, :w]
+    kg = 1.0 - kr - kb
+    r = y + 2.0 * (1.0 - kr) * v
+    b = y + 2.0 * (1.0 - kb) * u
+    g = (y - kr * r - kb * b) / kg
+    return np.clip(np.rint(np.stack([r, g, b], axis=-1)), 0, 255).astype(np.uint8)
+
+
 class Picamera2Source:
     """The Raspberry Pi camera on the eyepiece, through picamera2 (imported here, lazily).
 
@@ -199,12 +251,18 @@ class Picamera2Source:
     features depend on do not drift from field to field. Every request is
     released in a ``finally``, and ``close`` always stops and closes the
     camera, so a fault cannot leak buffers or keep the device busy.
+
+    With ``lores`` (the model's input size) a second, low-resolution YUV420
+    stream of the same view, scaled by the ISP at no CPU cost, comes with
+    every frame as ``Frame.small``: the loop gates and classifies that and
+    stores the main stream. (A Pi 4's ISP gives a low-resolution stream only
+    in YUV420; converting about 300x224 of it takes a few milliseconds, on the frames thread.)
     """
 
     kind = "picamera2"
 
     def __init__(self, size: tuple[int, int] = (1014, 760), *, lock_after_s: float = 2.0, timeout_s: float = 5.0,
-                 camera_num: int = 0, buffer_count: int = 4):
+                 camera_num: int = 0, buffer_count: int = 4, lores: int | None = None):
         try:
             from picamera2 import Picamera2  # type: ignore[import-not-found]
         except ImportError as exc:
@@ -215,11 +273,19 @@ class Picamera2Source:
         self.locked: dict[str, Any] = {}
         self._seq = 0
         self._cam: Any = None
+        self.lores: tuple[int, int] | None = None
+        self._colour_space = "sYCC"
         try:
             self._cam = Picamera2(camera_num)
-            config = self._cam.create_video_configuration(main={"size": self.size, "format": "RGB888"},
-                                                          buffer_count=buffer_count)
+            streams: dict[str, Any] = {"main": {"size": self.size, "format": "RGB888"}}
+            if lores:
+                streams["lores"] = {"size": lores_size(self.size, lores), "format": "YUV420"}
+            config = self._cam.create_video_configuration(**streams, buffer_count=buffer_count)
             self._cam.configure(config)
+            if lores:
+                final = getattr(self._cam, "camera_config", None) or config  # sizes as libcamera validated them
+                self.lores = tuple(int(v) for v in final["lores"]["size"])
+                self._colour_space = str(final.get("colour_space") or "sYCC")
             self._cam.start()
             self._settle_and_lock(lock_after_s)
         except CameraError:
@@ -251,7 +317,7 @@ class Picamera2Source:
         log.info("camera locked: exposure %d us, gain %.2f, colour gains %s", self.locked["ExposureTime"],
                  self.locked["AnalogueGain"], self.locked["ColourGains"])
 
-    def _capture(self) -> tuple[np.ndarray, dict]:
+    def _capture(self) -> tuple[np.ndarray, dict, np.ndarray | None]:
         # Asynchronous request + bounded wait: a camera that stops delivering raises instead of blocking
         # forever (the loop also bounds every read). A request that never completed dies with the camera,
         # which the loop closes and reopens after any failure.
@@ -262,16 +328,17 @@ class Picamera2Source:
             request = self._cam.wait(job)
         try:
             arr = request.make_array("main")
+            small = request.make_array("lores") if self.lores is not None else None
             metadata = request.get_metadata()
         finally:
             request.release()
-        return arr, metadata
+        return arr, metadata, small
 
     def read(self) -> Frame:
         if self._cam is None:
             raise CameraError("picamera2 source: camera is closed; the loop reopens it")
         try:
-            arr, _ = self._capture()
+            arr, _, small = self._capture()
         except Exception as exc:
             raise CameraError(f"picamera2 source: capture failed ({type(exc).__name__}: {exc}); "
                               "check the cable and the camera's power") from exc
@@ -279,7 +346,9 @@ class Picamera2Source:
             raise CameraError(f"picamera2 source: frame has shape {arr.shape}; expected HxWx3 from RGB888")
         rgb = np.ascontiguousarray(arr[..., 2::-1])  # B,G,R(,X) in memory -> R,G,B
         self._seq += 1
-        return Frame(rgb, f"camera-{self._seq:06d}", time.time())
+        if small is not None and self.lores is not None:
+            small = yuv420_to_rgb(small, self.lores, self._colour_space)
+        return Frame(rgb, f"camera-{self._seq:06d}", time.time(), small=small)
 
     def close(self) -> None:
         cam, self._cam = self._cam, None

@@ -44,22 +44,38 @@ def test_missing_folder_and_empty_class_are_named(tmp_path):
         data.scan(tmp_path)
 
 
-def test_split_is_deterministic_stratified_and_keeps_blocks_together(smear_dir):
+def test_split_is_deterministic_grouped_and_tests_on_the_newest_numbers(smear_dir):
     scan = data.scan(smear_dir)
-    a = data.split(scan.samples, 0.25, block=2, seed=0)
-    b = data.split(list(reversed(scan.samples)), 0.25, block=2, seed=0)
+    a = data.split(scan.samples, 0.25, 0.25, block=2, seed=0)
+    b = data.split(list(reversed(scan.samples)), 0.25, 0.25, block=2, seed=0)
     assert data.split_hash(a) == data.split_hash(b)
-    assert {s.sha256 for s in a["train"]}.isdisjoint({s.sha256 for s in a["test"]})
+    ids = {p: {s.sha256 for s in a[p]} for p in data.PARTS}
+    assert ids["train"].isdisjoint(ids["test"]) and ids["train"].isdisjoint(ids["val"])
+    assert ids["val"].isdisjoint(ids["test"]) and sum(map(len, ids.values())) == len(scan.samples)
     for cls in scan.classes:
-        assert sum(s.label == cls for s in a["test"]) == 2
-    # each block of 2 consecutive numbers sits wholly on one side
+        assert sum(s.label == cls for s in a["test"]) == 2 and sum(s.label == cls for s in a["val"]) == 2
+        # the test split holds each class's newest acquisition numbers (new patients)
+        rest = max(s.number for s in scan.samples if s.label == cls and s.sha256 not in ids["test"])
+        assert min(s.number for s in a["test"] if s.label == cls) > rest
+    # each block of 2 consecutive numbers sits wholly in one part
     for cls in scan.classes:
         items = sorted((s for s in scan.samples if s.label == cls), key=lambda s: s.number)
-        test_ids = {s.sha256 for s in a["test"]}
         for i in range(0, len(items), 2):
-            sides = {items[j].sha256 in test_ids for j in range(i, min(i + 2, len(items)))}
-            assert len(sides) == 1
-    assert data.split_hash(data.split(scan.samples, 0.25, block=2, seed=1)) != data.split_hash(a)
+            parts = {next(p for p in data.PARTS if items[j].sha256 in ids[p]) for j in range(i, min(i + 2, len(items)))}
+            assert len(parts) == 1
+    assert data.split_hash(data.split(scan.samples, 0.25, 0.25, block=2, seed=1)) != data.split_hash(a)
+
+
+def test_scale_bar_corner_is_covered_with_the_texture_above_it(smear_dir):
+    import numpy as np
+
+    from device.preprocess import load_image
+
+    img = np.asarray(load_image(next((smear_dir / "Pro").iterdir())))
+    out = data.mask_scale_bar(img)
+    rows, cols = data.SCALE_BAR_BOX
+    assert np.array_equal(out[rows.start, cols], img[rows.start - 1, cols])  # mirrored
+    assert np.array_equal(out[:rows.start], img[:rows.start]) and not np.array_equal(out, img)
 
 
 def test_split_file_round_trip(smear_dir, tmp_path):
@@ -77,4 +93,5 @@ def test_real_set_has_the_documented_shape(real_data):
     assert len(scan.duplicates) == 40 and all(d[0].startswith("Pro/") for d in scan.duplicates)
     assert len(scan.samples) == 2767 - 40
     parts = data.split(scan.samples)
-    assert abs(len(parts["test"]) / len(scan.samples) - 0.3) < 0.01
+    assert abs(len(parts["test"]) / len(scan.samples) - 0.2) < 0.02
+    assert abs(len(parts["val"]) / len(scan.samples) - 0.15) < 0.02

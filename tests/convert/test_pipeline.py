@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 
 from convert import cli
-from convert.data import load_rgb, read_split
+from convert.data import load_rgb, load_sources, read_split
 from device.bundle import load_bundle
 from device.classifier import Classifier
-from device.preprocess import fit_square, load_image
+from device.preprocess import load_image
 from device.reference import check_references
 
 ARGS = ["--width", "0.125", "--size", "64", "--low-size", "64", "--low-epochs", "2", "--high-epochs", "0",
-        "--batch", "8", "--block", "2", "--test-fraction", "0.25", "--calib", "24", "--folds", "3"]
+        "--batch", "8", "--block", "2", "--test-fraction", "0.25", "--val-fraction", "0.25", "--calib", "24",
+        "--folds", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +36,26 @@ def test_chain_builds_a_bundle_the_device_accepts(built, smear_dir):
     manifest = json.loads((tmp / "models" / "manifest.json").read_text())
     assert bundle.classes == ("Benign", "Early Pre-B", "Pre-B", "Pro-B")
     assert manifest["input"]["dtype"] == "int8" and manifest["output"]["features"] == 1000
-    assert manifest["quantization"]["calibration_images"] == 24
-    assert "LEAKY_RELU" not in manifest["quantization"]["op_types"]  # Edge-TPU-friendly graph
-    assert manifest["split"]["train"] == 24 and manifest["split"]["test"] == 8
-    for key in ("accuracy_int8_svm", "int8_float_agreement", "all_sensitivity"):
+    assert manifest["quantization"]["calibration_images"] == 16  # the whole (tiny) training split
+    assert "LEAKY_RELU" in manifest["quantization"]["op_types"]  # the CPU graph: native LeakyReLU
+    assert "LEAKY_RELU" not in manifest["quantization"]["edgetpu_friendly_op_types"]  # the Edge TPU's input
+    assert bundle.edgetpu_friendly_path is not None and bundle.edgetpu_friendly_path.is_file()
+    assert (manifest["split"]["train"], manifest["split"]["val"], manifest["split"]["test"]) == (16, 8, 8)
+    for key in ("accuracy", "int8_float_agreement", "all_sensitivity", "benign_specificity"):
         assert 0.0 <= manifest["metrics"][key] <= 1.0
+    assert manifest["head"]["ood_method"] in ("knn", "mahalanobis", "energy")
+    th = manifest["thresholds"]
+    assert 0.5 <= th["confidence"] <= th["benign_confidence"] <= 0.99
+    assert manifest["input"]["field_px"] == 224 and manifest["input"]["rbc_diameter_px"] > 5
     report = (tmp / "models" / "REPORT.md").read_text()
-    assert "Table 2" in report and "Table 3" in report and "scale-bar" in report
+    for words in ("Table 2", "Shift suite", "scale-bar", "Wilson", "Refer what it does not know", "Slide verdict",
+                  "one-standard-error"):
+        assert words in report
+    metrics = json.loads((tmp / "models" / "metrics.json").read_text())
+    families = {r["family"] for r in metrics["shifts"]}
+    assert {"hue", "defocus", "JPEG", "magnification", "eyepiece frame", "sensor noise"} <= families
+    assert any(r["mode"] == "calibrated" for r in metrics["shifts"])
+    assert any(k.startswith("synthetic:") for k in metrics["ood"])
     clf = Classifier.open(bundle, num_threads=1)
     img = next((smear_dir / "Pre").iterdir())
     v = clf.classify(np.asarray(load_image(img))).verdict
@@ -63,11 +77,10 @@ def test_head_was_fitted_on_exactly_what_the_device_computes(built):
     from pathlib import Path
 
     rgb = load_rgb(Path(doc["data_root"]), parts["test"][:3], 64)
-    for i in range(3):
+    for i, src in enumerate(load_sources(Path(doc["data_root"]), parts["test"][:3])):
         np.testing.assert_array_equal(clf.features(rgb[i]), z["test"][i])
-        # and the device's camera path (arbitrary frame -> square) gives the same pixels
-        img = load_image(Path(doc["data_root"]) / parts["test"][i].path)
-        np.testing.assert_array_equal(fit_square(img, 64), rgb[i])
+        # and the device's camera path (any frame -> prepared square) gives the same pixels
+        np.testing.assert_array_equal(clf.prepare(src).rgb, rgb[i])
 
 
 @pytest.mark.slow

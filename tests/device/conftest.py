@@ -39,7 +39,8 @@ def decisive_bundle(tiny_bundle: Bundle) -> Bundle:
     model run, and this gets them without faking the classifier.
     """
     head = dataclasses.replace(tiny_bundle.head, ood_threshold=1e9)
-    return dataclasses.replace(tiny_bundle, head=head, thresholds=Thresholds(confidence=0.0, all_probability=1.1))
+    return dataclasses.replace(tiny_bundle, head=head, thresholds=Thresholds(confidence=0.0, all_probability=1.1,
+                                                                                benign_confidence=0.0))
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from device.config import is_raspberry_pi
 from device.errors import CameraError
@@ -22,7 +23,9 @@ from device.sources import (
     ReplaySource,
     SourceExhausted,
     SyntheticSource,
+    lores_size,
     synthetic_field,
+    yuv420_to_rgb,
 )
 
 
@@ -112,9 +115,21 @@ class _Request:
         cam.requests.append(self)
 
     def make_array(self, name: str) -> np.ndarray:
-        assert name == "main"
+        assert name in self.cam.config
         if self.cam.fail_array:
             raise RuntimeError("dma buffer gone")
+        if name == "lores":  # planar YUV420 of the same red-dominant view, padded to a 64-byte stride
+            w, h = self.cam.config["lores"]["size"]
+            stride = -(-w // 64) * 64
+            yuv = np.asarray(Image.new("RGB", (w, h), (200, 0, 10)).convert("YCbCr"))
+            buf = np.zeros((h * 3 // 2, stride), np.uint8)
+            flat = buf.reshape(-1)
+            flat[:h * stride] = np.pad(yuv[..., 0], ((0, 0), (0, stride - w))).reshape(-1)
+            n = (h // 2) * (stride // 2)
+            for k, plane in enumerate((yuv[::2, ::2, 1], yuv[::2, ::2, 2])):
+                flat[h * stride + k * n:h * stride + (k + 1) * n] = np.pad(
+                    plane, ((0, 0), (0, stride // 2 - w // 2))).reshape(-1)
+            return buf
         w, h = self.cam.config["main"]["size"]
         arr = np.zeros((h, w, 3), np.uint8)
         arr[..., 0] = 10  # B,G,R in memory for libcamera's RGB888
@@ -139,8 +154,11 @@ class _FakePicamera2:
         self.fail_start = False
         _FakePicamera2.instances.append(self)
 
-    def create_video_configuration(self, main: dict, buffer_count: int = 4) -> dict:
-        return {"main": dict(main), "buffer_count": buffer_count}
+    def create_video_configuration(self, main: dict, buffer_count: int = 4, lores: dict | None = None) -> dict:
+        config = {"main": dict(main), "buffer_count": buffer_count, "colour_space": "<libcamera.ColorSpace 'sYCC'>"}
+        if lores is not None:
+            config["lores"] = dict(lores)
+        return config
 
     def configure(self, config: dict) -> None:
         self.config = config
@@ -227,3 +245,42 @@ def test_real_camera_delivers_locked_rgb_frames() -> None:
         src.close()
     assert all(f.array.shape == (760, 1014, 3) for f in frames)
     assert src.locked["AeEnable"] is False and src.locked["AwbEnable"] is False
+
+
+def test_picamera2_streams_the_view_at_the_model_size_beside_the_stored_frame(fake_picamera2) -> None:
+    src = Picamera2Source((1014, 760), lock_after_s=0.0, timeout_s=1.0, lores=224)
+    cam = fake_picamera2.instances[0]
+    assert cam.config["lores"] == {"size": (298, 224), "format": "YUV420"}  # same aspect, short side 224
+    frame = src.read()
+    assert frame.array.shape == (760, 1014, 3)  # the main stream is what gets stored
+    assert frame.small is not None and frame.small.shape == (224, 298, 3) and frame.analysis is frame.small
+    assert np.abs(frame.small.astype(int) - [200, 0, 10]).max() <= 2  # the same colours as the main stream
+    assert all(r.released for r in cam.requests)
+    src.close()
+    plain = Picamera2Source((640, 480), lock_after_s=0.0)
+    assert "lores" not in fake_picamera2.instances[1].config and plain.read().small is None
+    plain.close()
+
+
+def test_lores_size_keeps_the_aspect_ratio_with_the_short_side_at_the_model_size() -> None:
+    assert lores_size((1014, 760), 224) == (298, 224)
+    assert lores_size((760, 1014), 224) == (224, 298)
+    assert lores_size((640, 640), 96) == (96, 96)
+
+
+@pytest.mark.parametrize("space", ["sYCC", "SMPTE170M", "Rec709"])
+def test_yuv420_to_rgb_inverts_the_stream_encodings(space: str) -> None:
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(20, 236, (8, 12, 3)).repeat(2, 0).repeat(2, 1).astype(np.float64)  # 2x2 blocks: no
+    kr, kb = (0.2126, 0.0722) if space == "Rec709" else (0.299, 0.114)         # chroma detail is lost
+    y = kr * rgb[..., 0] + (1 - kr - kb) * rgb[..., 1] + kb * rgb[..., 2]
+    cb, cr = (rgb[..., 2] - y) / (2 * (1 - kb)), (rgb[..., 0] - y) / (2 * (1 - kr))
+    if space == "sYCC":
+        planes = (y, cb + 128, cr + 128)
+    else:
+        planes = (16 + y * 219 / 255, 128 + cb * 224 / 255, 128 + cr * 224 / 255)
+    y8, u8, v8 = (np.rint(p).astype(np.uint8) for p in planes)
+    buf = np.concatenate([y8.reshape(-1), u8[::2, ::2].reshape(-1), v8[::2, ::2].reshape(-1)])
+    out = yuv420_to_rgb(buf.reshape(24, 24), (24, 16), space)  # (h * 3/2, stride) as make_array gives
+    assert out.shape == (16, 24, 3)
+    assert np.abs(out.astype(int) - rgb.astype(int)).max() <= 2

@@ -119,6 +119,7 @@ def test_a_camera_failing_mid_run_is_a_fault_then_recovers_by_itself(mode: str, 
     cam.mode = mode
     opens_before = len(cam.opens)
     assert wait(lambda: svc.status()["counts"]["camera_errors"] >= 5, 30), svc.status()
+    svc.acknowledge()  # an ALL verdict's alarm outranks the fault pattern; the fault is what is watched here
     t_fault = time.monotonic()
     fields_at_fault = h.store.count()
     pings_at_fault = notify_socket.lines().count("WATCHDOG=1")
@@ -174,6 +175,9 @@ class HangingClassifier:
         self.gate = threading.Event()
         self.gate.set()
         self.stuck = threading.Event()
+
+    def __getattr__(self, name: str):  # everything but classify is the real classifier's
+        return getattr(self.inner, name)
 
     def classify(self, frame):
         if not self.gate.is_set():

@@ -78,8 +78,8 @@ def _narrow_head(n: int):
 def _drop_class(h):
     keep = slice(0, len(h.classes) - 1)
     return dataclasses.replace(h, classes=h.classes[keep], coef=h.coef[keep], intercept=h.intercept[keep],
-                               platt_a=h.platt_a[keep], platt_b=h.platt_b[keep], centroids=h.centroids[keep],
-                               spread=h.spread[keep])
+                               platt_a=h.platt_a[keep], platt_b=h.platt_b[keep],
+                               class_means=None if h.class_means is None else h.class_means[keep])
 
 
 def _set(path: str, value):
@@ -135,7 +135,8 @@ BUNDLE_CASES = {
     "head arrays disagree (coef rows)": (_head(_bad_coef_rows), [HEAD, "coef", "shape"]),
     "head holds NaN": (_head(_nan_coef), [HEAD, "NaN", "make convert"]),
     "benign class unknown": (_manifest(_set("benign_class", "Normal")), [MANIFEST, "benign_class", "Normal"]),
-    "manifest schema 2": (_manifest(_set("schema", 2)), [MANIFEST, "schema", "update the device software"]),
+    "manifest schema 3 (from the future)": (_manifest(_set("schema", 3)),
+                                            [MANIFEST, "schema", "update the device software"]),
 }
 
 CONFIG_CASES = {
