@@ -8,7 +8,7 @@ CONFIG ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-device run preflight test convert bench soak reliability-report fresh-check \
+.PHONY: help install install-device run preflight test convert sign bench soak reliability-report fresh-check \
 	fresh-check-arm64 install-service lint clean
 
 help: ## list the targets
@@ -42,6 +42,9 @@ test: preflight $(VENV)/.all ## run the whole test suite (writes only under buil
 
 convert: $(VENV)/.all ## rebuild the model bundle and report in models/ from ../shared/data (skips current steps)
 	$(BIN)/python -m convert all $(ARGS)
+
+sign: $(VENV)/.all ## sign models/ (after every make convert) with ~/.config/leukoscreen/signing-key.pem; ARGS="DIR --key K"
+	$(BIN)/python -m convert sign $(ARGS)
 
 bench: $(VENV)/.all ## measure speed, memory and start-up; writes bench/results.json and bench/RESULTS.md
 	$(BIN)/python -m bench $(ARGS)

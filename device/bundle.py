@@ -7,6 +7,7 @@ field and both values).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -70,12 +71,12 @@ class Bundle:
     def all_classes(self) -> tuple[str, ...]:
         return tuple(c for c in self.classes if c != self.benign)
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """sha256 of the manifest's canonical bytes: what a signature covers, and so the whole bundle."""
         return manifest_digest(self.manifest)
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
         """``<name>-<sha8>``: names the bundle in every stored result, the CSV, the report and the install folder."""
         return bundle_id(self.manifest, self.name)

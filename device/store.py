@@ -214,6 +214,8 @@ class ResultStore:
             raise StoreError(f"{self.images_dir}: cannot create the state folder ({exc.strerror}); "
                              "check [store] state_dir and its permissions") from exc
         try:
+            if not self.path.exists():
+                self._create()
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
                                        check_same_thread=False)
             self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
@@ -223,9 +225,32 @@ class ResultStore:
                                  "local file system (not NFS or a FAT stick)")
             self._db.execute("PRAGMA synchronous=FULL")
             self._open_schema()
-        except sqlite3.Error as exc:
+        except StoreError:
+            raise
+        except (sqlite3.Error, OSError) as exc:
             raise self._error("open", exc) from exc
         self._image_bytes, self._image_count = self._clean_images()
+
+    def _create(self) -> None:
+        """A new database, made whole beside its final name and renamed into place: a power cut while a box
+        starts for the first time leaves no database or a complete one, never a file without tables."""
+        new = self.path.with_name(self.path.name + ".new")
+        for p in (new, *(Path(str(q) + sfx) for q in (new, self.path) for sfx in ("-wal", "-shm"))):
+            p.unlink(missing_ok=True)  # a half-made one, or journal files that belong to no database
+        con = sqlite3.connect(new, isolation_level=None)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(_SCHEMA)
+            con.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        finally:
+            con.close()  # the last connection checkpoints the WAL into the file
+        fd = os.open(new, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(new, self.path)
+        _fsync_dir(self.state_dir)
 
     def _open_schema(self) -> None:
         """Create a new database, or bring an older one up to :data:`SCHEMA_VERSION` (rows are kept)."""

@@ -111,7 +111,8 @@ def test_an_imported_matlab_darknet19_becomes_a_bundle_that_selftest_accepts(tmp
     out = tmp_path / "bundle"
     r = subprocess.run([sys.executable, "-m", "convert", "import-onnx", str(onnx_file), "--data",
                         str(FIXTURES / "smear"), "--work", str(tmp_path / "work"), "--models", str(out),
-                        "--block", "2", "--test-fraction", "0.25", "--calib", "24", "--folds", "3"],
+                        "--block", "2", "--test-fraction", "0.25", "--val-fraction", "0.25", "--calib", "24",
+                        "--folds", "3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "rebuilt network vs darknet19-matlab.onnx (onnxruntime) on 8 real images" in r.stdout

@@ -21,7 +21,15 @@ import pytest
 
 from device.bundle import SCHEMA, load_bundle, sha256_file
 from device.cli import main
-from device.install import ACTIVE, PREVIOUS, active_bundle, installed, previous_bundle, verify_bundle
+from device.install import (
+    ACTIVE,
+    PREVIOUS,
+    active_bundle,
+    installed,
+    pinned_files,
+    previous_bundle,
+    verify_bundle,
+)
 from device.reference import EXPECTED_FILE
 from device.signing import SIGNATURE, SignatureError, new_private_key, sign_bundle, verify_signature
 from tests.conftest import TEST_KEYS
@@ -224,8 +232,11 @@ def test_install_switches_keeps_the_previous_and_rollback_returns_to_it(box, cap
     assert active_bundle(box["bundles"]).name == a_id and (box["bundles"] / ACTIVE).is_symlink()
     assert previous_bundle(box["bundles"]) == TINY.resolve()  # the factory bundle is what rollback returns to
     # only the manifest, its signature and the files it pins were installed
-    assert sorted(p.name for p in (box["bundles"] / a_id).iterdir()) == \
-        sorted(["darknet19_int8.tflite", "head.npz", "manifest.json", SIGNATURE, "references", "source"])
+    pinned = pinned_files(json.loads((a / "manifest.json").read_text()), a)
+    got = {p.name for p in (box["bundles"] / a_id).iterdir()}
+    assert got == {Path(p).parts[0] for p in pinned} | {"manifest.json", SIGNATURE}
+    assert {"darknet19_int8.tflite", "head.npz", "references"} <= got and not {"REPORT.md", "figures"} & got
+    assert all(sha256_file(box["bundles"] / a_id / p) == sha256_file(a / p) for p in pinned)
 
     b = make_bundle(box, "tiny-b")
     assert install(box, b, capsys)[0] == 0

@@ -257,3 +257,18 @@ def test_a_database_from_newer_software_is_refused_untouched(tmp_path: Path) -> 
     db.close()
     with pytest.raises(StoreError, match="schema 99.*update the device software"):
         ResultStore(tmp_path, save_images=False)
+
+
+def test_a_new_database_appears_whole_and_a_half_made_one_is_discarded(tmp_path: Path) -> None:
+    (tmp_path / "results.sqlite3.new").write_bytes(b"half a database, cut by a power failure")
+    (tmp_path / "results.sqlite3-wal").write_bytes(b"a journal of no database")
+    s = ResultStore(tmp_path, save_images=False)
+    try:
+        assert s.count() == 0 and s.integrity_check() == "ok"
+    finally:
+        s.close()
+    assert not (tmp_path / "results.sqlite3.new").exists()
+    db = sqlite3.connect(tmp_path / "results.sqlite3")
+    assert {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} >= {"meta", "slides",
+                                                                                                  "fields"}
+    db.close()

@@ -146,6 +146,7 @@ def test_status_page_shows_verdict_and_tally_and_updates_live(browser, running) 
                                timeout=WAIT_MS)
         assert page.inner_text("#health [data-key='model'] dd").strip() == service.bundle.name
         assert page.get_attribute("#health [data-key='sha256'] dd", "title") == service.bundle.model_sha256
+        assert page.inner_text("#health [data-key='bundle'] dd").startswith(service.bundle.id)  # operator panel
         assert "ms" in page.inner_text("#health [data-key='p50'] dd")
         assert page.locator("#recent .thumb").count() > 0
 
