@@ -149,8 +149,8 @@ def _shift_section(a, m: dict) -> None:
       "strength the appliance must take. Geometric families are also run after `device.calibrate` on the "
       "first 24 shifted test images (in split order: benign ones), as a technician calibrates a box once; the "
       "red-cell estimator varies between smears (README, calibration), which these rows show. Columns: 4-class "
-      "accuracy of the top class with its interval; ALL fields confidently called Benign; benign fields raising the ALL alert; fields referred or sent "
-      "to retake.\n")
+      "accuracy of the top class with its interval; ALL fields confidently called Benign; benign fields raising "
+      "the ALL alert; fields referred or sent to retake.\n")
     a("![shift suite](figures/shifts.png)\n")
     a("| family | variant | strength | calibrated | accuracy | ALL called Benign | benign called ALL | refer+retake |")
     a("|---|---|---|---|---|---|---|---|")
