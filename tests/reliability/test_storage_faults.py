@@ -93,15 +93,23 @@ def test_database_locked_by_another_process_is_a_clear_fault(harness, short_tmp,
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sqlite3, sys, time\n"
          f"c = sqlite3.connect({str(h.store.path)!r}, isolation_level=None)\n"
-         "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(7); c.execute('ROLLBACK')"],
+         # held well past the 5 s busy timeout: the pipelined recorder may start its first blocked commit up to
+         # a field later, and the fault must still be standing when the page is asked
+         "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(12); c.execute('ROLLBACK')"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         t0 = time.monotonic()
-        faulted = wait(lambda: any(f["kind"] == "storage" for f in svc.status()["faults"]), 30)
+        seen: dict = {}
+
+        def page_shows_it() -> bool:  # what the technician sees: the page's status, not the object's
+            seen["st"] = h.client.get("/api/status")
+            seen["fault"] = next((f for f in seen["st"].get_json()["faults"] if f["kind"] == "storage"), {})
+            return bool(seen["fault"])
+
+        faulted = wait(page_shows_it, 30)
         fault_s = time.monotonic() - t0
-        st = h.client.get("/api/status")
-        fault = next((f for f in st.get_json()["faults"] if f["kind"] == "storage"), {})
+        st, fault = seen["st"], seen["fault"]
         leds = h.shows_fault_pattern()
     finally:
         holder.wait(30)
@@ -109,7 +117,7 @@ def test_database_locked_by_another_process_is_a_clear_fault(harness, short_tmp,
     recovered = wait(lambda: svc.status()["faults"] == [] and h.store.count() > n, 30)
     ok = (faulted and st.status_code == 200 and "another process holds the database" in fault.get("message", "")
           and leds and recovered and svc.running)
-    table(AREA, "database locked by another process (7 s)", "storage fault naming the cause; no crash; recovers",
+    table(AREA, "database locked by another process (12 s)", "storage fault naming the cause; no crash; recovers",
           f"fault after {fault_s:.1f} s: {fault.get('message', '-').replace(str(h.state) + '/', '')[:110]}; "
           f"recovered {recovered}", ok,
           f"busy timeout 5 s; {svc.status()['counts']['store_errors']} failed commits")
