@@ -263,7 +263,8 @@
     if (slide && slide.started) summary.push("started " + dateTimeText(slide.started));
     $("slide-summary").textContent = summary.join(" · ") ||
       (sid ? "" : "The next camera field opens a slide; long-press the button or use Start new slide.");
-    $("slide-reason").textContent = slide && slide.reason ? slide.reason : "";
+    $("slide-reason").textContent = (slide && slide.reason ? slide.reason : "") +
+      (slide && num(slide.certainty) ? " (how sure: " + (100 * slide.certainty).toFixed(2) + "%)" : "");
 
     var counts = {};
     var byClass = (slide && slide.counts) || {};
