@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 Screen = Callable[[np.ndarray, "float | None"], "tuple[np.ndarray, str]"]
 CALIBRATION_FIELDS = 24
-BCCD = Path(__file__).resolve().parents[2] / "shared" / "data" / "ood-bccd"
+#: The other lab's smear fields, beside the development set (``../shared/data/ood-bccd``).
+BCCD_FOLDER = "ood-bccd"
 
 
 def side_for(frames: list[np.ndarray], geometry: tuple[float, float]) -> float:
@@ -53,22 +54,22 @@ def shift_sets(sources: list[np.ndarray], geometry: tuple[float, float], one: Sc
     return out
 
 
-def bccd_frames(folder: Path = BCCD) -> list[np.ndarray]:
+def bccd_frames(folder: Path) -> list[np.ndarray]:
     paths = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
     return [np.asarray(load_image(p)) for p in paths]
 
 
-def ood_sets(geometry: tuple[float, float], one: Screen, seed: int) -> dict[str, np.ndarray]:
-    """``bccd|none``, ``bccd|calibrated`` (another lab's smears) and ``synthetic`` (non-smear frames)."""
+def ood_sets(geometry: tuple[float, float], one: Screen, seed: int, bccd: Path) -> dict[str, np.ndarray]:
+    """``bccd|none``, ``bccd|calibrated`` (another lab's smears in ``bccd``) and ``synthetic`` (non-smear frames)."""
     out: dict[str, np.ndarray] = {}
-    frames = bccd_frames()
+    frames = bccd_frames(bccd)
     if frames:
         for mode in ("none", "calibrated"):
             side = side_for(frames, geometry) if mode == "calibrated" else None
             out[f"bccd|{mode}"], out[f"bccd|{mode}|q"] = _run(frames, one, side)
             out[f"bccd|{mode}|side"] = np.float64(side or 0.0)
     else:
-        log.warning("%s is absent: the other-lab set is left out of the report", BCCD)
+        log.warning("%s is absent: the other-lab set is left out of the report", bccd)
     synth = ood.frames(seed=seed)
     out["synthetic"], out["synthetic|q"] = _run([f for _, f in synth], one, None)
     out["synthetic|kind"] = np.array([k for k, _ in synth])

@@ -255,7 +255,7 @@ def edgetpu(o: Options) -> Path | None:
 
 def features(o: Options) -> None:
     """Features of every split, of the shift suite and of the out-of-distribution sets, via device/ code."""
-    from convert.evaluate_sets import ood_sets, shift_sets
+    from convert.evaluate_sets import BCCD_FOLDER, ood_sets, shift_sets
     from convert.export import float_features_onnx
     from device.calibrate import rbc_diameter
     from device.inference import TFLiteModel
@@ -291,7 +291,7 @@ def features(o: Options) -> None:
             return screen(model, im, size, side)
 
         np.savez_compressed(pp["shifts"], **shift_sets(sources["test"], geometry, one))
-        np.savez_compressed(pp["ood"], **ood_sets(geometry, one, o.seed))
+        np.savez_compressed(pp["ood"], **ood_sets(geometry, one, o.seed, Path(o.data).parent / BCCD_FOLDER))
         return {"ms_per_image": per_image * 1000}
 
     run_step(o, "features", [pp["tflite"], pp["onnx"], pp["split"]], [pp["features"], pp["shifts"], pp["ood"]],
