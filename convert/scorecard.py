@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from convert import shifts
+from convert import data, shifts
 from convert.evaluate import (
     caught,
     duplicate_threshold,
@@ -65,8 +65,8 @@ def evaluate_all(o: Options) -> dict:
     rules = slide_rules(val)
     suite = shifts.suite()
     ok_all = [s == "ok" and a for s, a in zip(test["status"], test["alert"])]
-    groups = np.array([n.split("/")[0] for n in z["test_names"]])
-    num = np.array([int("".join(c for c in n.rsplit("-", 1)[-1] if c.isdigit()) or 0) for n in z["test_names"]])
+    _, parts, _ = data.read_split(pp["split"])
+    blocks = np.array([f"{t.label}:{t.number // 36}" for t in parts["test"]])  # neighbouring acquisition numbers
     recapture_keys = [k for k in zs.files if k.count("|") == 2 and k.split("|")[1] == "mild"
                       and suite[int(k.split("|")[0])].family in ("defocus", "JPEG", "sensor noise")]
     m = {
@@ -88,16 +88,14 @@ def evaluate_all(o: Options) -> dict:
         "thresholds": asdict(th), "thresholds_info": sel["thresholds_info"],
         "slide_rules": asdict(rules),
         "slides": simulate_slides(test["status"], test["alert"], ok_all, y, benign, rules, seed=o.seed),
-        "duplicates": duplicate_threshold(head, z["test"], [zs[k] for k in recapture_keys],
-                                          np.array([f"{g}:{n // 36}" for g, n in zip(groups, num)])),
+        "duplicates": duplicate_threshold(head, z["test"], [zs[k] for k in recapture_keys], blocks),
         "table2": table2(z["train"], z["y_train"], np.array(sel["ranking"]), sel["k"], sel["C"], o.folds, o.seed),
         "geometry": {"field_px": float(z["field_px"]), "rbc_diameter_px": float(z["rbc_diameter_px"])},
     }
     if pp["edgetpu_friendly"].exists():
         from convert.quantize import graph_agreement
 
-        x8 = _load(o, "test", size)[1]
-        m["graph_agreement"] = graph_agreement(pp["tflite"], pp["edgetpu_friendly"], x8, head, "Benign", th)
+        m["graph_agreement"] = graph_agreement(pp["tflite"], pp["edgetpu_friendly"], x_te, head, "Benign", th)
     m["duplicates"]["recapture_sets"] = [suite[int(k.split("|")[0])].name for k in recapture_keys]
     return m
 
