@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from convert.export import export_onnx, load_trained
     from convert.quantize import ONNX2TF_SAMPLE
-    from device.preprocess import fit_square, load_image
+    from device.preprocess import frame_to_rgb, load_image
     from device.sources import list_images
 
     torch.set_num_threads(2)
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     onnx_path = out / "darknet19.onnx"
     export_onnx(net, onnx_path, args.size)
     # onnx2tf checks against (and, offline, fails to download) this sample; write it from the committed samples.
-    samples = [fit_square(load_image(p), 128) for p in list_images(ROOT / "device" / "samples")]
+    samples = [frame_to_rgb(np.asarray(load_image(p)), 128) for p in list_images(ROOT / "device" / "samples")]
     sample = np.stack([samples[i % len(samples)] for i in range(20)]).astype(np.float32) / 255.0
     np.save(out / ONNX2TF_SAMPLE, sample)
     with contextlib.chdir(out):

@@ -57,15 +57,18 @@ def gains(direction: tuple[float, float, float]) -> Callable[[np.ndarray, float]
     return fn
 
 
-def hue(img: np.ndarray, degrees: float) -> np.ndarray:
-    """Rotate colours about the grey axis by ``degrees`` (keeps grey grey, like a hue shift)."""
-    a = math.radians(degrees)
-    c, s, k = math.cos(a), math.sin(a), 1 / 3
+def hue_matrix(radians: float) -> np.ndarray:
+    """3x3 rotation of RGB about the grey axis (a hue rotation that keeps grey grey)."""
+    c, s, k = math.cos(radians), math.sin(radians), 1 / 3
     r = math.sqrt(k)
-    m = np.array([[c + k * (1 - c), k * (1 - c) - r * s, k * (1 - c) + r * s],
-                  [k * (1 - c) + r * s, c + k * (1 - c), k * (1 - c) - r * s],
-                  [k * (1 - c) - r * s, k * (1 - c) + r * s, c + k * (1 - c)]])
-    return np.clip(img.astype(np.float64) @ m.T + 0.5, 0, 255).astype(np.uint8)
+    return np.array([[c + k * (1 - c), k * (1 - c) - r * s, k * (1 - c) + r * s],
+                     [k * (1 - c) + r * s, c + k * (1 - c), k * (1 - c) - r * s],
+                     [k * (1 - c) - r * s, k * (1 - c) + r * s, c + k * (1 - c)]])
+
+
+def hue(img: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotate colours about the grey axis by ``degrees``."""
+    return np.clip(img.astype(np.float64) @ hue_matrix(math.radians(degrees)).T + 0.5, 0, 255).astype(np.uint8)
 
 
 def saturation(img: np.ndarray, factor: float) -> np.ndarray:

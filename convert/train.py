@@ -14,7 +14,6 @@ magnification, JPEG, sensor noise, the eyepiece's dark surround); ``prepare`` th
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -26,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from convert.darknet import DarkNet19
 from convert.figures import curves
+from convert.shifts import hue_matrix, jpeg
 from device.preprocess import prepare
 
 log = logging.getLogger(__name__)
@@ -65,18 +64,6 @@ class TrainConfig:
 
 def _u(gen: torch.Generator, n: int, lo: float, hi: float, *shape: int) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
-
-
-def hue_matrix(angle: torch.Tensor) -> torch.Tensor:
-    """(N,3,3) rotations of RGB about the grey axis (a hue rotation that keeps grey grey)."""
-    c, s = torch.cos(angle), torch.sin(angle)
-    k = 1 / 3
-    r = math.sqrt(k)
-    m = torch.empty(len(angle), 3, 3)
-    m[:, 0, 0] = m[:, 1, 1] = m[:, 2, 2] = c + k * (1 - c)
-    m[:, 0, 1] = m[:, 1, 2] = m[:, 2, 0] = k * (1 - c) - r * s
-    m[:, 0, 2] = m[:, 1, 0] = m[:, 2, 1] = k * (1 - c) + r * s
-    return m
 
 
 def _maybe(gen: torch.Generator, n: int, p: float) -> torch.Tensor:
@@ -115,7 +102,8 @@ def augment_colour(x: torch.Tensor, gen: torch.Generator, strength: float) -> to
     x = x * (1 + _maybe(gen, n, 0.5)[:, None, None, None] * _u(gen, n, -0.15 * st, 0.15 * st, 3, 1, 1))
     # Hue rotation about the grey axis and saturation.
     ang = _maybe(gen, n, 0.5) * _u(gen, n, -math.radians(20) * st, math.radians(20) * st)
-    x = torch.einsum("nij,njhw->nihw", hue_matrix(ang), x)
+    rot = torch.from_numpy(np.stack([hue_matrix(float(a)) for a in ang])).float()
+    x = torch.einsum("nij,njhw->nihw", rot, x)
     grey = x.mean(1, keepdim=True)
     sat = 1 + _maybe(gen, n, 0.5)[:, None, None, None] * _u(gen, n, -0.35 * st, 0.35 * st, 1, 1, 1)
     x = grey + sat * (x - grey)
@@ -151,12 +139,6 @@ def eyepiece(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     out = img.copy()
     out[(xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 > r * r] = rng.integers(0, 25)
     return out
-
-
-def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, "JPEG", quality=quality)
-    return np.asarray(Image.open(buf).convert("RGB"))
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, rng: np.random.Generator, strength: float) -> np.ndarray:

@@ -80,7 +80,7 @@ class CameraConfig:
     files: tuple[Path, ...] = ()
     #: Replay/files: start again after the last image (false: stop capturing, uploads still work).
     loop: bool = True
-    #: Camera stream size (width, height); the centre square is what is classified.
+    #: Camera stream size (width, height); the lit field in it (the eyepiece disc) is what is classified.
     size: tuple[int, int] = field(default=(1014, 760), metadata=_range(64, 8192))
     #: Replay/files/synthetic only: how long each image stays "in view" (a still field that the loop's change
     #: detection skips) before the next one, like a technician moving the slide. A camera paces itself.

@@ -114,18 +114,6 @@ def _to_rgb8(img: Image.Image, label: str) -> Image.Image:
     return img
 
 
-def fit_square(img: Image.Image, size: int) -> np.ndarray:
-    """Centre-crop to a square and resize to ``size`` with PIL's bilinear filter (uint8 HxWx3)."""
-    w, h = img.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    if (w, h) != (side, side):
-        img = img.crop((left, top, left + side, top + side))
-    if side != size:
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
-    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
-
-
 # --------------------------------------------------------------------------- the field and its colour
 #: Every field's background (plasma and glass, the brightest part of any smear, near white in every lab)
 #: is mapped to this neutral grey level: one per-channel gain (a von Kries / white-patch correction) that
@@ -220,8 +208,8 @@ def prepare(frame: np.ndarray, size: int, *, side_px: float | None = None) -> Pr
     """A camera frame or an image (HxWx3 uint8 RGB) to the network's input: the one code path.
 
     1. find the lit field (:func:`find_field`); 2. take the square of side :func:`field_side` centred on it
-    and resize it to ``size`` (PIL bilinear, antialiased when shrinking); pixels outside the lit disc or
-    outside the frame become the background colour; 3. normalise colour from the background.
+    and resize it to ``size`` (PIL bilinear; box-filtered first when shrinking 4x or more); pixels outside
+    the lit disc or outside the frame become the background colour; 3. normalise colour from the background.
     Training, int8 calibration, the head's features and the Pi all call this.
     """
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
@@ -232,7 +220,7 @@ def prepare(frame: np.ndarray, size: int, *, side_px: float | None = None) -> Pr
     x0, y0 = field.cx - side / 2, field.cy - side / 2
     k = size / side  # output pixels per frame pixel
     img = Image.fromarray(np.ascontiguousarray(frame), "RGB")
-    f = int(1 / k / 2)  # shrinking by more than 2x: box-filter by an integer factor first (antialiasing)
+    f = int(1 / k / 2)  # shrinking 4x or more: box-filter by an integer factor first (below 4x, no prefilter)
     if f >= 2:
         img = img.reduce(f)
     box = (x0 / f, y0 / f, (x0 + side) / f, (y0 + side) / f) if f >= 2 else (x0, y0, x0 + side, y0 + side)
