@@ -148,16 +148,17 @@ def _sel_acc(pred: np.ndarray, y: np.ndarray, mask: np.ndarray) -> float:
 
 
 def compare_ood(xtr, ytr, xva, yva, classes, indices, C, seed, sets: dict[str, tuple[np.ndarray, np.ndarray]]
-                ) -> tuple[str, list[dict]]:
+                ) -> tuple[Head, list[dict]]:
     """Fit every OOD method; for each, the share of each set referred or sent to retake.
 
-    ``sets`` maps a name to (features, quality codes); names starting with "in:" must pass (new-patient
+    ``sets`` maps a name to (features, quality codes); names starting with "in:" must pass (the validation
     images), the others should be caught. The method chosen catches the most on average (retake counts:
-    the gate runs first on the device) while keeping its validation refer rate at ``OOD_VAL_REFER``.
+    the gate runs first on the device); every method's threshold refers ``OOD_VAL_REFER`` of validation.
+    Returns the chosen method's fitted head (not fitted again) and the table.
     """
-    rows = []
+    rows, heads = [], {}
     for method in OOD_METHODS:
-        head = fit_head(xtr, ytr, xva, yva, classes, indices, C, method, seed)
+        head = heads[method] = fit_head(xtr, ytr, xva, yva, classes, indices, C, method, seed)
         row = {"method": method, "threshold": head.ood_threshold}
         for name, (f, q) in sets.items():
             d = np.array([o.distance for o in evaluate_many(head, f)]) if len(f) else np.zeros(0)
@@ -168,4 +169,4 @@ def compare_ood(xtr, ytr, xva, yva, classes, indices, C, seed, sets: dict[str, t
         rows.append(row)
     best = max(rows, key=lambda r: r["mean_caught"])["method"]
     log.info("OOD methods: %s -> %s", [(r["method"], round(r["mean_caught"], 3)) for r in rows], best)
-    return best, rows
+    return heads[best], rows

@@ -311,7 +311,7 @@ def head(o: Options) -> None:
     """mRMR + SVM on train; k, C, calibration, OOD method and threshold, decision thresholds on validation."""
     from dataclasses import asdict
 
-    from convert.fit import choose_k, choose_thresholds, compare_ood, fit_head
+    from convert.fit import choose_k, choose_thresholds, compare_ood
     from device.head import save_head
 
     pp = paths(o)
@@ -328,15 +328,14 @@ def head(o: Options) -> None:
         for name in ("bccd|calibrated", "bccd|none", "synthetic"):
             if name in zo.files:
                 sets[name] = (zo[name], zo[name + "|q"])
-        method, table = compare_ood(xtr, ytr, xva, yva, classes, idx, sel.C, o.seed, sets)
-        h = fit_head(xtr, ytr, xva, yva, classes, idx, sel.C, method, o.seed)
+        h, table = compare_ood(xtr, ytr, xva, yva, classes, idx, sel.C, o.seed, sets)
         th, th_info = choose_thresholds(h, xva, yva, benign)
         save_head(pp["head"], h)
         pp["selection"].write_text(json.dumps({
             "k": sel.k, "C": sel.C, "criterion": o.criterion, "ranking": sel.ranking.tolist(), "table": sel.table,
-            "best_val_accuracy": sel.best, "one_se": sel.se, "ood_method": method, "ood_comparison": table,
+            "best_val_accuracy": sel.best, "one_se": sel.se, "ood_method": h.ood_method, "ood_comparison": table,
             "thresholds": asdict(th), "thresholds_info": th_info}, indent=1))
-        print(f"head: mRMR ({o.criterion}) k={sel.k} (paper: 521), C={sel.C}, OOD {method} > "
+        print(f"head: mRMR ({o.criterion}) k={sel.k} (paper: 521), C={sel.C}, OOD {h.ood_method} > "
               f"{h.ood_threshold:.3f}, thresholds {th}")
         return {"k": sel.k, "C": sel.C}
 
