@@ -17,19 +17,25 @@ from pathlib import Path
 
 import numpy as np
 
-from convert import data
+from convert import data, report
+from convert.options import (
+    EDGETPU_FILE,
+    EDGETPU_FRIENDLY_FILE,
+    FIGURES_DIR,
+    HEAD_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    WEIGHTS_FILE,
+    Options,
+    paths,
+)
 from convert.scorecard import evaluate_all
-from convert.steps import Options, paths, step_seconds
+from convert.steps import edgetpu, step_seconds
 from device.bundle import MANIFEST, SCHEMA, load_bundle, sha256_file
 from device.head import load_head
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "darknet19_int8.tflite"
-EDGETPU_FILE = "darknet19_int8_edgetpu.tflite"
-EDGETPU_FRIENDLY_FILE = "darknet19_int8_edgetpu_friendly.tflite"  # uncompiled; input of edgetpu_compiler
-HEAD_FILE = "head.npz"
-WEIGHTS_FILE = "source/darknet19-fp16.pt"
 TOOLS = ("torch", "onnx", "onnxruntime", "onnx2tf", "tensorflow", "ai-edge-litert", "scikit-learn", "numpy", "pillow")
 
 
@@ -55,34 +61,30 @@ def source_commit() -> str:
 
 def write_bundle(o: Options) -> Path:
     """Evaluate, then write models/: model, head, weights, figures, manifest, report."""
-    from convert import report
-    from convert.steps import edgetpu
-
     pp = paths(o)
     out = Path(o.models)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    (out / "source").mkdir(parents=True, exist_ok=True)
+    (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
+    (out / WEIGHTS_FILE).parent.mkdir(parents=True, exist_ok=True)
     metrics = evaluate_all(o)
-    shutil.copyfile(pp["tflite"], out / MODEL_FILE)
-    shutil.copyfile(pp["head"], out / HEAD_FILE)
-    shutil.copyfile(pp["weights"], out / WEIGHTS_FILE)
+    shutil.copyfile(pp.tflite, out / MODEL_FILE)
+    shutil.copyfile(pp.head, out / HEAD_FILE)
+    shutil.copyfile(pp.weights, out / WEIGHTS_FILE)
     etpu = edgetpu(o)
     if etpu is not None:
         shutil.copyfile(etpu, out / EDGETPU_FILE)
     else:
         (out / EDGETPU_FILE).unlink(missing_ok=True)
-    friendly = paths(o).get("edgetpu_friendly")  # the second graph of convert.quantize.to_int8_graphs, if made
-    if friendly is not None and friendly.exists():
-        shutil.copyfile(friendly, out / EDGETPU_FRIENDLY_FILE)
+    if pp.edgetpu_friendly.exists():  # the second graph of convert.quantize.to_int8_graphs, if made
+        shutil.copyfile(pp.edgetpu_friendly, out / EDGETPU_FRIENDLY_FILE)
     else:
         (out / EDGETPU_FRIENDLY_FILE).unlink(missing_ok=True)
     from device.inference import TFLiteModel
 
     model = TFLiteModel(out / MODEL_FILE, num_threads=2)
     head = load_head(out / HEAD_FILE)
-    quant = json.loads(pp["quant"].read_text())
-    exp = json.loads(pp["export"].read_text())
-    _, _, split_doc = data.read_split(pp["split"])
+    quant = json.loads(pp.quant.read_text())
+    exp = json.loads(pp.export.read_text())
+    _, _, split_doc = data.read_split(pp.split)
     files = {"model": _entry(out, MODEL_FILE), "head": _entry(out, HEAD_FILE), "weights": _entry(out, WEIGHTS_FILE)}
     if etpu is not None:
         files["edgetpu_model"] = _entry(out, EDGETPU_FILE)
@@ -137,7 +139,7 @@ def write_bundle(o: Options) -> Path:
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     load_bundle(out)  # the device must accept what we ship
     manifest["references"] = add_references(out, held_out_candidates(o))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
     report.write(o, out, manifest, metrics, step_seconds(o))
     print(f"bundle -> {out}: int8 + SVM accuracy {manifest['metrics']['accuracy']:.4f} on {metrics['test_images']} "
           f"new-patient test images; ALL sensitivity {manifest['metrics']['all_sensitivity']:.4f}")
@@ -160,7 +162,7 @@ REFERENCE_CANDIDATES = 12
 
 def held_out_candidates(o: Options) -> list[tuple[Path, str]]:
     """The held-out images of the run's split, with their class names as the bundle spells them."""
-    _, parts, doc = data.read_split(paths(o)["split"])
+    _, parts, doc = data.read_split(paths(o).split)
     root = Path(doc["data_root"])
     return [(root / s.path, data.DISPLAY_NAMES.get(s.label, s.label)) for s in sorted(parts["test"],
                                                                                        key=lambda s: s.sha256)]

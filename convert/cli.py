@@ -18,69 +18,82 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
+from convert import steps
+from convert.bundle import add_references, held_out_candidates, write_bundle
+from convert.onnx_import import import_onnx
+from convert.options import Options
+from convert.scorecard import print_summary
+from convert.train import TrainConfig
 from device.errors import ScreenError
+from device.signing import DEFAULT_PRIVATE_KEY, new_private_key, public_key_path, sign_bundle
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "all-aria"
-ORDER = ("split", "train", "export", "quantize", "features", "head", "bundle")
+#: A command: the options and the parsed arguments in, whatever it makes out.
+Command = Callable[[Options, argparse.Namespace], object]
 
 
-def _train_cfg(a):
-    from convert.train import TrainConfig
-
+def train_config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})
 
 
-def _options(a):
-    from convert.steps import Options
-
+def options_from(a: argparse.Namespace) -> Options:
     return Options(data=a.data.resolve(), work=a.work.resolve(), models=a.models.resolve(),
                    test_fraction=a.test_fraction, val_fraction=a.val_fraction, block=a.block,
                    seed=a.seed, calib=a.calib, edgetpu_friendly=not a.keep_leakyrelu, criterion=a.criterion,
                    folds=a.folds, force=a.force)
 
 
-def run(step: str, a) -> None:
-    from convert import steps
-    from convert.bundle import add_references, held_out_candidates, write_bundle
-
-    o = _options(a)
-    todo = ORDER if step == "all" else (step,)
-    for s in todo:
-        if s == "train":
-            steps.train(o, _train_cfg(a))
-        elif s == "bundle":
-            write_bundle(o)
-        elif s == "evaluate":
-            from convert.scorecard import print_summary
-
-            print_summary(o, a.shifts)
-        elif s == "references":
-            add_references(o.models, held_out_candidates(o))
-        elif s == "sign":
-            sign(a)
-        elif s == "import-onnx":
-            from convert.onnx_import import import_onnx
-
-            if a.target is None:
-                raise SystemExit("python -m convert import-onnx FILE.onnx: name the ONNX file")
-            import_onnx(o, Path(a.target), classes=a.classes.split(",") if a.classes else None)
-        elif s == "edgetpu":
-            out = steps.edgetpu(o)
-            print(f"Edge TPU model: {out}" if out else "edgetpu_compiler is not installed; see the message above")
-        else:
-            getattr(steps, s)(o)
+#: The chain, in order: ``all`` runs these, each skipping itself when its outputs are current.
+CHAIN: dict[str, Command] = {
+    "split": lambda o, a: steps.split(o),
+    "train": lambda o, a: steps.train(o, train_config(a)),
+    "export": lambda o, a: steps.export(o),
+    "quantize": lambda o, a: steps.quantize(o),
+    "features": lambda o, a: steps.features(o),
+    "head": lambda o, a: steps.head(o),
+    "bundle": lambda o, a: write_bundle(o),
+}
 
 
-def sign(a) -> None:
+def run_chain(o: Options, a: argparse.Namespace) -> None:
+    for step in CHAIN.values():
+        step(o, a)
+
+
+def edgetpu(o: Options, a: argparse.Namespace) -> None:
+    out = steps.edgetpu(o)
+    print(f"Edge TPU model: {out}" if out else "edgetpu_compiler is not installed; see the message above")
+
+
+def onnx(o: Options, a: argparse.Namespace) -> Path:
+    if a.target is None:
+        raise SystemExit("python -m convert import-onnx FILE.onnx: name the ONNX file")
+    return import_onnx(o, Path(a.target), classes=a.classes.split(",") if a.classes else None)
+
+
+#: Every command of ``python -m convert``, in the order ``--help`` lists them.
+COMMANDS: dict[str, Command] = {
+    **CHAIN,
+    "edgetpu": edgetpu,
+    "evaluate": lambda o, a: print_summary(o, a.shifts),
+    "references": lambda o, a: add_references(o.models, held_out_candidates(o)),
+    "all": run_chain,
+    "sign": lambda o, a: sign(a),
+    "import-onnx": onnx,
+}
+
+
+def run(command: str, a: argparse.Namespace) -> None:
+    COMMANDS[command](options_from(a), a)
+
+
+def sign(a: argparse.Namespace) -> None:
     """``python -m convert sign [BUNDLE]``: sign the manifest (run after every ``bundle`` step)."""
-    from device.signing import new_private_key, public_key_path, sign_bundle
-
     key = Path(a.key).expanduser()
     if a.new_key:
         pub = new_private_key(key)
@@ -95,29 +108,28 @@ def sign(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from convert.train import TrainConfig
-    from device.signing import DEFAULT_PRIVATE_KEY
-
+    d = Options()
     p = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=(*ORDER, "edgetpu", "evaluate", "references", "all", "sign", "import-onnx"))
+    p.add_argument("step", choices=tuple(COMMANDS))
     p.add_argument("target", nargs="?", help="sign: the bundle folder (default --models); "
                                               "import-onnx: the ONNX file of a DarkNet19 trained elsewhere")
     p.add_argument("--shifts", action="store_true", help="evaluate: also print the shift suite's table")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="class-per-folder image set (default %(default)s)")
-    p.add_argument("--work", type=Path, default=ROOT / "build" / "convert", help="intermediate files")
-    p.add_argument("--models", type=Path, default=ROOT / "models", help="bundle output folder")
-    p.add_argument("--test-fraction", type=float, default=0.2,
+    p.add_argument("--data", type=Path, default=d.data, help="class-per-folder image set (default %(default)s)")
+    p.add_argument("--work", type=Path, default=d.work, help="intermediate files")
+    p.add_argument("--models", type=Path, default=d.models, help="bundle output folder")
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction,
                    help="newest acquisition numbers of each class held out as the new-patient test split")
-    p.add_argument("--val-fraction", type=float, default=0.15, help="validation split (every choice is made on it)")
-    p.add_argument("--block", type=int, default=36,
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="validation split (every choice is made on it)")
+    p.add_argument("--block", type=int, default=d.block,
                    help="consecutive acquisition numbers kept together (about one patient)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calib", type=int, default=256, help="calibration images for int8 (>= 200 for a real model)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--calib", type=int, default=d.calib, help="calibration images for int8 (>= 200 for a real model)")
     p.add_argument("--keep-leakyrelu", action="store_true",
                    help="make only the CPU graph (native LEAKY_RELU), no Edge-TPU-friendly second graph")
-    p.add_argument("--criterion", choices=("MIQ", "MID"), default="MIQ", help="mRMR criterion")
-    p.add_argument("--folds", type=int, default=10, help="CV folds for the report's Table 2")
+    p.add_argument("--criterion", choices=("MIQ", "MID"), default=d.criterion, help="mRMR criterion")
+    p.add_argument("--folds", type=int, default=d.folds, help="CV folds for the report's Table 2")
     p.add_argument("--force", action="store_true", help="re-run steps even when current")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     g = p.add_argument_group("sign")

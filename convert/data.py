@@ -99,6 +99,8 @@ def scan(root: str | Path) -> Scan:
 
 
 PARTS = ("train", "val", "test")
+#: The split's defaults (``python -m convert --test-fraction --val-fraction --block``): about one patient a block.
+TEST_FRACTION, VAL_FRACTION, BLOCK = 0.2, 0.15, 36
 #: Where the "10 um" scale-bar label sits in the 224x224 source images (rows, cols). Camera frames have
 #: no such label, and its colour differs between classes, so every image the toolchain reads has that
 #: corner replaced by the mirror image of the strip just above it: the network never sees the label,
@@ -106,8 +108,8 @@ PARTS = ("train", "val", "test")
 SCALE_BAR_BOX = (slice(196, 224), slice(180, 224))
 
 
-def split(samples: list[Sample], test_fraction: float = 0.2, val_fraction: float = 0.15, block: int = 36,
-          seed: int = 0) -> dict[str, list[Sample]]:
+def split(samples: list[Sample], test_fraction: float = TEST_FRACTION, val_fraction: float = VAL_FRACTION,
+          block: int = BLOCK, seed: int = 0) -> dict[str, list[Sample]]:
     """Deterministic split by blocks of consecutive acquisition numbers, about one patient each.
 
     The set has no patient IDs; numbers follow acquisition order, and 3,256 images of 89 patients make

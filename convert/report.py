@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from convert import figures
-from convert.steps import Options
+from convert.options import CURVES_FILE, FIGURES_DIR, HISTORY_FILE, REPORT_FILE, Options, paths
 
 
 def _pct(x: float | None) -> str:
@@ -29,15 +29,15 @@ def _figures(o: Options, fig: Path, manifest: dict, m: dict) -> list[dict]:
     figures.mrmr_k(sel["table"], sel["C"], sel["k"], sel["best_val_accuracy"], sel["one_se"], fig / "mrmr_k.png")
     figures.reliability(m["test"]["calibration"]["bins"], m["test"]["calibration"]["ece"], fig / "reliability.png")
     figures.shifts(m["shifts"], m["test"]["accuracy"]["rate"], fig / "shifts.png")
-    curves = o.work / "train" / "curves.png"
+    curves = paths(o).train_dir / CURVES_FILE
     if curves.exists():
         shutil.copyfile(curves, fig / "training_curves.png")
-    history = o.work / "train" / "history.json"
+    history = paths(o).train_dir / HISTORY_FILE
     return json.loads(history.read_text()) if history.exists() else []
 
 
 def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, float]) -> None:
-    hist = _figures(o, out / "figures", manifest, m)
+    hist = _figures(o, out / FIGURES_DIR, manifest, m)
     q, t, sel, s = manifest["quantization"], m["test"], m["selection"], manifest["split"]
     th = m["thresholds"]
     L: list[str] = []
@@ -140,7 +140,7 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
     for k, sec in seconds.items():
         a(f"| {k} | {sec:.0f} |")
     a("\n" + ", ".join(f"{k} {ver}" for k, ver in manifest["versions"].items()) + "\n")
-    (out / "REPORT.md").write_text("\n".join(L) + "\n")
+    (out / REPORT_FILE).write_text("\n".join(L) + "\n")
 
 
 def _shift_section(a, m: dict) -> None:

@@ -24,7 +24,7 @@ from convert.evaluate import (
     simulate_slides,
     table2,
 )
-from convert.steps import Options, _load, paths
+from convert.options import Options, load_part, paths
 from device.bundle import Thresholds
 from device.head import load_head
 from device.slides import SlideRules
@@ -47,17 +47,17 @@ def evaluate_all(o: Options) -> dict:
     from convert.train import predict
 
     pp = paths(o)
-    z, zs, zo = np.load(pp["features"]), np.load(pp["shifts"]), np.load(pp["ood"])
-    head = load_head(pp["head"])
-    sel = json.loads(pp["selection"].read_text())
+    z, zs, zo = np.load(pp.features), np.load(pp.shifts), np.load(pp.ood)
+    head = load_head(pp.head)
+    sel = json.loads(pp.selection.read_text())
     th = Thresholds(**sel["thresholds"])
     classes = list(head.classes)
     benign = classes.index("Benign") if "Benign" in classes else 0
     y, yv = z["y_test"], z["y_val"]
-    net, state = load_trained(pp["weights"])
+    net, state = load_trained(pp.weights)
     size = int(state["config"]["size"])
     torch.set_num_threads(2)
-    _, x_te, _, _ = _load(o, "test", size)
+    _, x_te, _, _ = load_part(o, "test", size)
     cnn_pred = predict(net, x_te, size).argmax(1)
     test = held_out(head, z["test"], y, benign, th)
     val = field_outcomes(head, z["val"], yv, th, benign)
@@ -65,8 +65,9 @@ def evaluate_all(o: Options) -> dict:
     rules = slide_rules(val)
     suite = shifts.suite()
     ok_all = [s == "ok" and a for s, a in zip(test["status"], test["alert"])]
-    _, parts, _ = data.read_split(pp["split"])
-    blocks = np.array([f"{t.label}:{t.number // 36}" for t in parts["test"]])  # neighbouring acquisition numbers
+    _, parts, _ = data.read_split(pp.split)
+    # neighbouring acquisition numbers (blocks of the default split's size: about one patient)
+    blocks = np.array([f"{t.label}:{t.number // data.BLOCK}" for t in parts["test"]])
     recapture_keys = [k for k in zs.files if k.count("|") == 2 and k.split("|")[1] == "mild"
                       and suite[int(k.split("|")[0])].family in ("defocus", "JPEG", "sensor noise")]
     m = {
@@ -92,10 +93,10 @@ def evaluate_all(o: Options) -> dict:
         "table2": table2(z["train"], z["y_train"], np.array(sel["ranking"]), sel["k"], sel["C"], o.folds, o.seed),
         "geometry": {"field_px": float(z["field_px"]), "rbc_diameter_px": float(z["rbc_diameter_px"])},
     }
-    if pp["edgetpu_friendly"].exists():
+    if pp.edgetpu_friendly.exists():
         from convert.quantize import graph_agreement
 
-        m["graph_agreement"] = graph_agreement(pp["tflite"], pp["edgetpu_friendly"], x_te, head, "Benign", th)
+        m["graph_agreement"] = graph_agreement(pp.tflite, pp.edgetpu_friendly, x_te, head, "Benign", th)
     m["duplicates"]["recapture_sets"] = [suite[int(k.split("|")[0])].name for k in recapture_keys]
     return m
 
@@ -130,9 +131,9 @@ def _confusion(y, pred, n):
 def print_summary(o: Options, with_shifts: bool) -> None:
     """``python -m convert evaluate [--shifts]``: the test split (and the shift suite) from the work folder."""
     pp = paths(o)
-    z = np.load(pp["features"])
-    head = load_head(pp["head"])
-    th = Thresholds(**json.loads(pp["selection"].read_text())["thresholds"])
+    z = np.load(pp.features)
+    head = load_head(pp.head)
+    th = Thresholds(**json.loads(pp.selection.read_text())["thresholds"])
     benign = list(head.classes).index("Benign") if "Benign" in head.classes else 0
     t = held_out(head, z["test"], z["y_test"], benign, th)
 
@@ -146,7 +147,7 @@ def print_summary(o: Options, with_shifts: bool) -> None:
         return
     print(f"{'shift':58s} {'strength':9s} {'cal':3s} {'accuracy':24s} {'ALL->Benign':>11s} {'Benign->ALL':>11s} "
           f"{'refer+retake':>12s}")
-    for r in shift_table(head, th, benign, z["y_test"], np.load(pp["shifts"]), shifts.suite()):
+    for r in shift_table(head, th, benign, z["y_test"], np.load(pp.shifts), shifts.suite()):
         print(f"{(r['family'] + ' ' + r['variant']).strip():58s} {r['strength']:9s} "
               f"{'yes' if r['mode'] == 'calibrated' else 'no':3s} {ci(r['accuracy']):24s} "
               f"{r['all_called_benign_confident']:11d} {r['benign_called_all']:11d} {r['referred'] + r['retake']:12d}")

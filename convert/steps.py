@@ -11,36 +11,21 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
 from convert import data
-from device.bundle import sha256_file
+from convert.options import WEIGHTS_FILE, Options, load_part, paths
+from device.bundle import MANIFEST, sha256_file
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Options:
-    data: Path
-    work: Path
-    models: Path
-    test_fraction: float = 0.2
-    val_fraction: float = 0.15
-    block: int = 36
-    seed: int = 0
-    calib: int = 256
-    edgetpu_friendly: bool = True
-    criterion: str = "MIQ"
-    folds: int = 10
-    force: bool = False
-
-
 # --------------------------------------------------------------------------- stamps
 def _stamp_path(o: Options, step: str) -> Path:
-    return o.work / "stamps" / f"{step}.json"
+    return paths(o).stamps / f"{step}.json"
 
 
 def _inputs_hash(inputs: list[Path], params: dict) -> str:
@@ -65,7 +50,7 @@ def stamp(o: Options, step: str, inputs: list[Path], params: dict, seconds: floa
 
 def step_seconds(o: Options) -> dict[str, float]:
     out = {}
-    for p in sorted((o.work / "stamps").glob("*.json")):
+    for p in sorted(paths(o).stamps.glob("*.json")):
         out[p.stem] = json.loads(p.read_text()).get("seconds", 0.0)
     return out
 
@@ -83,29 +68,9 @@ def run_step(o: Options, step: str, inputs: list[Path], outputs: list[Path], par
     return True
 
 
-# --------------------------------------------------------------------------- paths
-def paths(o: Options) -> dict[str, Path]:
-    w = o.work
-    return {"split": w / "split.json", "weights": w / "darknet19.pt", "onnx": w / "darknet19.onnx",
-            "export": w / "export.json", "tflite": w / "darknet19_int8.tflite", "quant": w / "quantize.json",
-            "edgetpu": w / "darknet19_int8_edgetpu.tflite", "features": w / "features.npz",
-            "edgetpu_friendly": w / "darknet19_int8_edgetpu_friendly.tflite",
-            "shifts": w / "shifts.npz", "ood": w / "ood.npz",
-            "head": w / "head.npz", "selection": w / "selection.json"}
-
-
-def _load(o: Options, part: str, size: int, samples=None):
-    classes, parts, doc = data.read_split(paths(o)["split"])
-    root = Path(doc["data_root"])
-    items = parts[part] if samples is None else samples
-    x = data.load_rgb(root, items, size)
-    y = np.array([classes.index(s.label) for s in items])
-    return classes, x, y, items
-
-
 # --------------------------------------------------------------------------- steps
 def split(o: Options) -> None:
-    p = paths(o)["split"]
+    p = paths(o).split
 
     def go():
         scan = data.scan(o.data)
@@ -135,23 +100,23 @@ def train(o: Options, cfg) -> None:
     pp = paths(o)
 
     def go():
-        classes, parts, doc = data.read_split(pp["split"])
+        classes, parts, doc = data.read_split(pp.split)
         src = np.stack(data.load_sources(Path(doc["data_root"]), parts["train"]))
         ytr = np.array([classes.index(s.label) for s in parts["train"]])
-        _, xva, yva, _ = _load(o, "val", cfg.size)
+        _, xva, yva, _ = load_part(o, "val", cfg.size)
         t0 = time.time()
-        net = train_net(cfg, src, ytr, xva, yva, len(classes), o.work / "train")
+        net = train_net(cfg, src, ytr, xva, yva, len(classes), pp.train_dir)
         torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()},
                     "classes": classes, "width": cfg.width,
                     "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
-                    "seconds": time.time() - t0}, pp["weights"])
+                    "seconds": time.time() - t0}, pp.weights)
         return {"epochs": cfg.epochs}
 
     params = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
-    if not o.force and not pp["weights"].exists() and reuse_committed_weights(o, params):
-        stamp(o, "train", [pp["split"]], params, 0.0, reused=True)
+    if not o.force and not pp.weights.exists() and reuse_committed_weights(o, params):
+        stamp(o, "train", [pp.split], params, 0.0, reused=True)
         return
-    run_step(o, "train", [pp["split"]], [pp["weights"]], params, go)
+    run_step(o, "train", [pp.split], [pp.weights], params, go)
 
 
 def reuse_committed_weights(o: Options, params: dict) -> bool:
@@ -164,18 +129,16 @@ def reuse_committed_weights(o: Options, params: dict) -> bool:
 
     import torch
 
-    from convert.bundle import WEIGHTS_FILE
-
-    src, manifest = Path(o.models) / WEIGHTS_FILE, Path(o.models) / "manifest.json"
+    src, manifest = Path(o.models) / WEIGHTS_FILE, Path(o.models) / MANIFEST
     if not src.exists() or not manifest.exists():
         return False
-    _, parts, _ = data.read_split(paths(o)["split"])
+    _, parts, _ = data.read_split(paths(o).split)
     same_split = json.loads(manifest.read_text()).get("split", {}).get("hash") == data.split_hash(parts)
     same_cfg = torch.load(src, map_location="cpu", weights_only=False).get("config") == params
     if not (same_split and same_cfg):
         log.info("committed weights %s not reused (same split: %s, same config: %s)", src, same_split, same_cfg)
         return False
-    shutil.copyfile(src, paths(o)["weights"])
+    shutil.copyfile(src, paths(o).weights)
     print(f"train: reusing the committed weights {src} (same split and config); pass --force to retrain")
     return True
 
@@ -183,7 +146,7 @@ def reuse_committed_weights(o: Options, params: dict) -> bool:
 def trained_size(o: Options) -> int:
     import torch
 
-    return int(torch.load(paths(o)["weights"], map_location="cpu", weights_only=False)["config"]["size"])
+    return int(torch.load(paths(o).weights, map_location="cpu", weights_only=False)["config"]["size"])
 
 
 def export(o: Options) -> None:
@@ -192,19 +155,19 @@ def export(o: Options) -> None:
     pp = paths(o)
 
     def go():
-        net, state = load_trained(pp["weights"])
+        net, state = load_trained(pp.weights)
         size = int(state["config"]["size"])
-        export_onnx(net, pp["onnx"], size)
-        _, x, _, _ = _load(o, "test", size)
+        export_onnx(net, pp.onnx, size)
+        _, x, _, _ = load_part(o, "test", size)
         x = x[:16]
-        a, b = float_features_torch(net, x), float_features_onnx(pp["onnx"], x)
+        a, b = float_features_torch(net, x), float_features_onnx(pp.onnx, x)
         diff = float(np.abs(a - b).max())
         rel = diff / float(np.abs(a).max())
-        pp["export"].write_text(json.dumps({"max_abs_diff": diff, "max_rel_diff": rel, "images": len(x)}, indent=1))
+        pp.export.write_text(json.dumps({"max_abs_diff": diff, "max_rel_diff": rel, "images": len(x)}, indent=1))
         print(f"ONNX vs PyTorch on {len(x)} real test images: max |diff| {diff:.3g} ({rel:.2g} of max activation)")
         return {"max_abs_diff": diff}
 
-    run_step(o, "export", [pp["weights"], pp["split"]], [pp["onnx"], pp["export"]], {}, go)
+    run_step(o, "export", [pp.weights, pp.split], [pp.onnx, pp.export], {}, go)
 
 
 def quantize(o: Options) -> None:
@@ -215,25 +178,25 @@ def quantize(o: Options) -> None:
 
     def go():
         size = trained_size(o)
-        classes, parts, _ = data.read_split(pp["split"])
+        classes, parts, _ = data.read_split(pp.split)
         rng = np.random.default_rng(o.seed)
         train_items = parts["train"]
         chosen = [train_items[i] for i in sorted(rng.permutation(len(train_items))[:o.calib])]
-        _, x, _, _ = _load(o, "train", size, chosen)
+        _, x, _, _ = load_part(o, "train", size, chosen)
         if len(x) < 200:
             log.warning("calibrating on %d images (< 200): fine for tests, not for a shipped model", len(x))
-        pp["edgetpu_friendly"].unlink(missing_ok=True)
-        g = to_int8_graphs(pp["onnx"], x, o.work / "onnx2tf", cpu_dest=pp["tflite"],
-                           edgetpu_friendly_dest=pp["edgetpu_friendly"] if o.edgetpu_friendly else None)
+        pp.edgetpu_friendly.unlink(missing_ok=True)
+        g = to_int8_graphs(pp.onnx, x, pp.onnx2tf_dir, cpu_dest=pp.tflite,
+                           edgetpu_friendly_dest=pp.edgetpu_friendly if o.edgetpu_friendly else None)
         info = {"calibration_images": len(x), "op_types": g.cpu_op_types, "edgetpu_friendly": o.edgetpu_friendly,
                 "edgetpu_friendly_op_types": g.edgetpu_friendly_op_types,
                 "calibration_names": [s.path for s in chosen]}
-        pp["quant"].write_text(json.dumps(info, indent=1))
-        print(f"int8 TFLite: {pp['tflite']} ({pp['tflite'].stat().st_size / 1e6:.1f} MB), ops {g.cpu_op_types}"
-              + (f"; Edge-TPU-friendly graph {pp['edgetpu_friendly']}" if g.edgetpu_friendly else ""))
+        pp.quant.write_text(json.dumps(info, indent=1))
+        print(f"int8 TFLite: {pp.tflite} ({pp.tflite.stat().st_size / 1e6:.1f} MB), ops {g.cpu_op_types}"
+              + (f"; Edge-TPU-friendly graph {pp.edgetpu_friendly}" if g.edgetpu_friendly else ""))
         return {"calibration_images": len(x)}
 
-    run_step(o, "quantize", [pp["onnx"], pp["split"]], [pp["tflite"], pp["quant"]],
+    run_step(o, "quantize", [pp.onnx, pp.split], [pp.tflite, pp.quant],
              {"calib": o.calib, "etpu": o.edgetpu_friendly, "seed": o.seed, "graphs": 2}, go)
 
 
@@ -242,15 +205,15 @@ def edgetpu(o: Options) -> Path | None:
     from convert.quantize import compile_edgetpu
 
     pp = paths(o)
-    if not pp["edgetpu_friendly"].exists():
+    if not pp.edgetpu_friendly.exists():
         log.warning("no Edge-TPU-friendly graph in %s (run quantize without --keep-leakyrelu)", o.work)
         return None
-    out = compile_edgetpu(pp["edgetpu_friendly"], o.work / "edgetpu")
+    out = compile_edgetpu(pp.edgetpu_friendly, pp.edgetpu_dir)
     if out is None:
-        pp["edgetpu"].unlink(missing_ok=True)
+        pp.edgetpu.unlink(missing_ok=True)
         return None
-    out.replace(pp["edgetpu"])
-    return pp["edgetpu"]
+    out.replace(pp.edgetpu)
+    return pp.edgetpu
 
 
 def features(o: Options) -> None:
@@ -263,9 +226,9 @@ def features(o: Options) -> None:
     pp = paths(o)
 
     def go():
-        model = TFLiteModel(pp["tflite"], num_threads=2)
+        model = TFLiteModel(pp.tflite, num_threads=2)
         size = model.input_spec.size
-        classes, parts, doc = data.read_split(pp["split"])
+        classes, parts, doc = data.read_split(pp.split)
         root = Path(doc["data_root"])
         out: dict[str, np.ndarray] = {"classes": np.array(classes), "out_scale": np.float64(model.output_spec.scale),
                                       "out_zero_point": np.int64(model.output_spec.zero_point)}
@@ -281,20 +244,20 @@ def features(o: Options) -> None:
         out["field_px"] = np.float64(sources["train"][0].shape[0])
         n = sum(len(parts[p]) for p in data.PARTS)
         per_image = (time.time() - t0) / n
-        _, x_te, _, _ = _load(o, "test", size)
-        out["test_float"] = float_features_onnx(pp["onnx"], x_te)
-        np.savez_compressed(pp["features"], **out)
+        _, x_te, _, _ = load_part(o, "test", size)
+        out["test_float"] = float_features_onnx(pp.onnx, x_te)
+        np.savez_compressed(pp.features, **out)
         print(f"features: {n} images through device/ int8 code ({per_image * 1000:.0f} ms/image here)")
         geometry = (float(out["field_px"]), float(out["rbc_diameter_px"]))
 
         def one(im: np.ndarray, side: float | None) -> tuple[np.ndarray, str]:
             return screen(model, im, size, side)
 
-        np.savez_compressed(pp["shifts"], **shift_sets(sources["test"], geometry, one))
-        np.savez_compressed(pp["ood"], **ood_sets(geometry, one, o.seed, Path(o.data).parent / BCCD_FOLDER))
+        np.savez_compressed(pp.shifts, **shift_sets(sources["test"], geometry, one))
+        np.savez_compressed(pp.ood, **ood_sets(geometry, one, o.seed, Path(o.data).parent / BCCD_FOLDER))
         return {"ms_per_image": per_image * 1000}
 
-    run_step(o, "features", [pp["tflite"], pp["onnx"], pp["split"]], [pp["features"], pp["shifts"], pp["ood"]],
+    run_step(o, "features", [pp.tflite, pp.onnx, pp.split], [pp.features, pp.shifts, pp.ood],
              {"version": 2}, go)
 
 
@@ -317,8 +280,8 @@ def head(o: Options) -> None:
     pp = paths(o)
 
     def go():
-        z = np.load(pp["features"])
-        zo = np.load(pp["ood"])
+        z = np.load(pp.features)
+        zo = np.load(pp.ood)
         classes = [data.DISPLAY_NAMES.get(c, c) for c in z["classes"]]
         benign = classes.index(data.DISPLAY_NAMES[data.BENIGN]) if data.DISPLAY_NAMES[data.BENIGN] in classes else 0
         xtr, ytr, xva, yva = z["train"], z["y_train"], z["val"], z["y_val"]
@@ -330,8 +293,8 @@ def head(o: Options) -> None:
                 sets[name] = (zo[name], zo[name + "|q"])
         h, table = compare_ood(xtr, ytr, xva, yva, classes, idx, sel.C, o.seed, sets)
         th, th_info = choose_thresholds(h, xva, yva, benign)
-        save_head(pp["head"], h)
-        pp["selection"].write_text(json.dumps({
+        save_head(pp.head, h)
+        pp.selection.write_text(json.dumps({
             "k": sel.k, "C": sel.C, "criterion": o.criterion, "ranking": sel.ranking.tolist(), "table": sel.table,
             "best_val_accuracy": sel.best, "one_se": sel.se, "ood_method": h.ood_method, "ood_comparison": table,
             "thresholds": asdict(th), "thresholds_info": th_info}, indent=1))
@@ -339,5 +302,5 @@ def head(o: Options) -> None:
               f"{h.ood_threshold:.3f}, thresholds {th}")
         return {"k": sel.k, "C": sel.C}
 
-    run_step(o, "head", [pp["features"], pp["ood"]], [pp["head"], pp["selection"]],
+    run_step(o, "head", [pp.features, pp.ood], [pp.head, pp.selection],
              {"criterion": o.criterion, "seed": o.seed, "version": 2}, go)

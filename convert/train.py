@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from convert.darknet import DarkNet19
 from convert.figures import curves
+from convert.options import CURVES_FILE, HISTORY_FILE
 from convert.shifts import hue_matrix, jpeg
 from device.preprocess import prepare
 
@@ -257,8 +258,8 @@ def train(cfg: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, x_val: np.
                     "config": asdict(cfg), "gen": gen.get_state(), "rng": rng.bit_generator.state},
                    out_dir / "last.tmp")
         os.replace(out_dir / "last.tmp", ckpt)
-        (out_dir / "history.json").write_text(json.dumps(history, indent=1))
-        curves(history, out_dir / "curves.png")
+        (out_dir / HISTORY_FILE).write_text(json.dumps(history, indent=1))
+        curves(history, out_dir / CURVES_FILE)
     if best_path.exists():
         best = torch.load(best_path, weights_only=False)
         net.load_state_dict(best["model"])
