@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from convert.export import load_trained
-from convert.onnx_import import ImportError_, export_matlab_layout, read_darknet19, to_torch
+from convert.onnx_import import export_matlab_layout, to_torch
+from convert.onnx_layout import ImportError_, read_darknet19
 from device.signing import new_private_key, sign_bundle
 from tests.conftest import FIXTURES, ROOT
 
