@@ -113,7 +113,7 @@ def int8_runner(path: Path, threads: int, rgb: np.ndarray, name: str = INT8_NAME
 def tflite_f32_runner(path: Path, threads: int, rgb: np.ndarray) -> Runner:
     from ai_edge_litert.interpreter import Interpreter
 
-    from device.inference import _version
+    from device.inference import runtime_version
 
     interp = Interpreter(model_path=str(path), num_threads=threads)
     interp.allocate_tensors()
@@ -131,7 +131,7 @@ def tflite_f32_runner(path: Path, threads: int, rgb: np.ndarray) -> Runner:
         interp.invoke()
         return interp.get_tensor(out["index"]).reshape(-1).copy()
 
-    return Runner(F32_NAME, f"ai-edge-litert {_version('ai-edge-litert')}", path,
+    return Runner(F32_NAME, f"ai-edge-litert {runtime_version('ai-edge-litert')}", path,
                   lambda: run(x0), lambda im: run(prep(im)))
 
 

@@ -13,7 +13,6 @@ compiler's input only: on a CPU the rewrite is several times slower.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -34,12 +33,12 @@ def _import_runtime():
     try:
         from ai_edge_litert.interpreter import Interpreter, load_delegate  # type: ignore
 
-        return Interpreter, load_delegate, f"ai-edge-litert {_version('ai-edge-litert')}"
+        return Interpreter, load_delegate, f"ai-edge-litert {runtime_version('ai-edge-litert')}"
     except ImportError as first:
         try:
             from tflite_runtime.interpreter import Interpreter, load_delegate  # type: ignore
 
-            return Interpreter, load_delegate, f"tflite-runtime {_version('tflite-runtime')}"
+            return Interpreter, load_delegate, f"tflite-runtime {runtime_version('tflite-runtime')}"
         except ImportError as exc:
             raise RuntimeUnavailableError(
                 "no TFLite runtime: install ai-edge-litert (`pip install ai-edge-litert`) "
@@ -47,7 +46,8 @@ def _import_runtime():
             ) from (exc or first)
 
 
-def _version(dist: str) -> str:
+def runtime_version(dist: str) -> str:
+    """The installed version of a runtime's distribution (``ai-edge-litert``, ...), or "unknown"."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -103,14 +103,11 @@ class TFLiteModel:
                                       zero_point=int(out_zp), dtype=np.dtype(self._out["dtype"]).name)
         if self.input_spec.dtype not in ("int8", "uint8"):
             raise BundleError(f"{path}: input dtype {self.input_spec.dtype}; the appliance ships full-integer models")
-        self.last_invoke_ms = 0.0
 
     def invoke(self, x: np.ndarray) -> np.ndarray:
         """Run one quantized input; returns the raw quantized output vector."""
         self._interp.set_tensor(self._in["index"], x)
-        t0 = time.perf_counter()
         self._interp.invoke()
-        self.last_invoke_ms = (time.perf_counter() - t0) * 1000
         return self._interp.get_tensor(self._out["index"]).reshape(-1).copy()
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
