@@ -44,6 +44,8 @@ class SlideModel:
 
 @dataclass(frozen=True)
 class Bundle:
+    """A verified bundle: every file the manifest names checked against its sha256 and against each other."""
+
     root: Path
     name: str
     classes: tuple[str, ...]
@@ -66,10 +68,6 @@ class Bundle:
     # the input of ``edgetpu_compiler``. Never run on the CPU, where the rewrite costs ~4x the whole invoke.
     edgetpu_friendly_path: Path | None = None
     references: References | None = field(default=None, repr=False, compare=False)  # None in older bundles
-
-    @property
-    def all_classes(self) -> tuple[str, ...]:
-        return tuple(c for c in self.classes if c != self.benign)
 
     @functools.cached_property
     def digest(self) -> str:

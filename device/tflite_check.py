@@ -34,21 +34,22 @@ class _Buf:
         if pos < 0 or size < 0 or pos + size > self.n:
             raise _Bad(f"{what} at byte {pos} (+{size}) lies outside the {self.n}-byte file")
 
+    def _scalar(self, fmt: str, pos: int, what: str) -> int:
+        """The little-endian number of struct format ``fmt`` at ``pos``, once it is known to lie in the file."""
+        self._need(pos, struct.calcsize(fmt), what)
+        return struct.unpack_from(fmt, self.d, pos)[0]
+
     def u16(self, pos: int, what: str) -> int:
-        self._need(pos, 2, what)
-        return struct.unpack_from("<H", self.d, pos)[0]
+        return self._scalar("<H", pos, what)
 
     def u32(self, pos: int, what: str) -> int:
-        self._need(pos, 4, what)
-        return struct.unpack_from("<I", self.d, pos)[0]
+        return self._scalar("<I", pos, what)
 
     def i32(self, pos: int, what: str) -> int:
-        self._need(pos, 4, what)
-        return struct.unpack_from("<i", self.d, pos)[0]
+        return self._scalar("<i", pos, what)
 
     def u64(self, pos: int, what: str) -> int:
-        self._need(pos, 8, what)
-        return struct.unpack_from("<Q", self.d, pos)[0]
+        return self._scalar("<Q", pos, what)
 
     # -- FlatBuffer structure ------------------------------------------------------------------------------
 
