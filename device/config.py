@@ -19,16 +19,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device.bundles_dir import active_bundle
 from device.errors import ConfigError
 from device.quality import QualityThresholds
+from device.slides import SlideRules
+from device.typedtoml import choices, dump, read_table, value_range
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +42,11 @@ PI_MODEL_FILE = Path("/proc/device-tree/model")
 CAMERA_SOURCES = ("auto", "picamera2", "replay", "files", "synthetic")
 TRIGGER_MODES = ("continuous", "button")
 MOCK_CHOICES = ("auto", "yes", "no")
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 
 
-def _choices(*values: Any) -> dict:
-    return {"choices": tuple(values)}
-
-
-def _range(lo: float | None = None, hi: float | None = None) -> dict:
-    return {"min": lo, "max": hi}
+def _pin(default: int, *, none: bool = False) -> Any:
+    """A BCM pin from 2 to 27 (0 and 1 are the HAT EEPROM bus); ``none``: 0 means not wired."""
+    return field(default=default, metadata=value_range(0 if none else 2, 27))
 
 
 @dataclass(frozen=True)
@@ -59,7 +55,7 @@ class ModelConfig:
 
     #: The factory bundle: used until ``python -m device install-bundle`` has installed one.
     dir: Path = Path("models")
-    threads: int = field(default=4, metadata=_range(1, 16))
+    threads: int = field(default=4, metadata=value_range(1, 16))
     use_edgetpu: bool = True
     #: Installed bundles and the ``active``/``previous`` pointers. "" = ``bundles`` in the state dir.
     bundles_dir: Path | None = None
@@ -75,57 +71,57 @@ class ModelConfig:
 class CameraConfig:
     """``[camera]``: where frames come from."""
 
-    source: str = field(default="auto", metadata=_choices(*CAMERA_SOURCES))
+    source: str = field(default="auto", metadata=choices(*CAMERA_SOURCES))
     replay_dir: Path = Path("device/samples")
     files: tuple[Path, ...] = ()
     #: Replay/files: start again after the last image (false: stop capturing, uploads still work).
     loop: bool = True
     #: Camera stream size (width, height); the lit field in it (the eyepiece disc) is what is classified.
-    size: tuple[int, int] = field(default=(1014, 760), metadata=_range(64, 8192))
+    size: tuple[int, int] = field(default=(1014, 760), metadata=value_range(64, 8192))
     #: Replay/files/synthetic only: how long each image stays "in view" (a still field that the loop's change
     #: detection skips) before the next one, like a technician moving the slide. A camera paces itself.
-    interval_ms: int = field(default=3000, metadata=_range(0, 600_000))
+    interval_ms: int = field(default=3000, metadata=value_range(0, 600_000))
     #: Auto exposure / white balance run this long after start, then are locked.
-    lock_after_s: float = field(default=2.0, metadata=_range(0.0, 60.0))
+    lock_after_s: float = field(default=2.0, metadata=value_range(0.0, 60.0))
     #: A read that takes longer than this is a hung camera (fault, retry).
-    read_timeout_s: float = field(default=5.0, metadata=_range(0.1, 120.0))
+    read_timeout_s: float = field(default=5.0, metadata=value_range(0.1, 120.0))
     #: Back-off between reconnect attempts after a camera fault: starts here, doubles, capped.
-    retry_min_s: float = field(default=1.0, metadata=_range(0.01, 600.0))
-    retry_max_s: float = field(default=30.0, metadata=_range(0.01, 3600.0))
+    retry_min_s: float = field(default=1.0, metadata=value_range(0.01, 600.0))
+    retry_max_s: float = field(default=30.0, metadata=value_range(0.01, 3600.0))
     #: Median red-cell diameter in camera pixels, measured by ``python -m device calibrate``; 0 = uncalibrated
     #: (the lit field's bounding square is taken as the training field of view).
-    rbc_diameter_px: float = field(default=0.0, metadata=_range(0.0, 10000.0))
+    rbc_diameter_px: float = field(default=0.0, metadata=value_range(0.0, 10000.0))
     #: Synthetic source only: the seed of its deterministic frames.
-    seed: int = field(default=0, metadata=_range(0, None))
+    seed: int = field(default=0, metadata=value_range(0, None))
 
 
 @dataclass(frozen=True)
 class TriggerConfig:
     """``[trigger]``: when a field is classified."""
 
-    mode: str = field(default="continuous", metadata=_choices(*TRIGGER_MODES))
+    mode: str = field(default="continuous", metadata=choices(*TRIGGER_MODES))
     #: Continuous mode: a field is classified at most this often.
-    interval_ms: int = field(default=1000, metadata=_range(0, 600_000))
+    interval_ms: int = field(default=1000, metadata=value_range(0, 600_000))
     #: Continuous mode: mean absolute change (0..255, grey 32x32 thumbnail) below which a frame
     #: counts as the same field and is skipped.
-    change_threshold: float = field(default=3.0, metadata=_range(0.0, 255.0))
+    change_threshold: float = field(default=3.0, metadata=value_range(0.0, 255.0))
 
 
 @dataclass(frozen=True)
 class GpioConfig:
     """``[gpio]``: BCM pin numbers 2..27 (0 and 1 are the HAT EEPROM bus); buzzer 0 = none."""
 
-    green: int = field(default=17, metadata=_range(2, 27))
-    amber: int = field(default=27, metadata=_range(2, 27))
-    red: int = field(default=22, metadata=_range(2, 27))
-    button: int = field(default=23, metadata=_range(2, 27))
-    buzzer: int = field(default=0, metadata=_range(0, 27))
+    green: int = _pin(17)
+    amber: int = _pin(27)
+    red: int = _pin(22)
+    button: int = _pin(23)
+    buzzer: int = _pin(0, none=True)
     #: "auto": real pins on a Pi, gpiozero's MockFactory elsewhere; "yes": always mock; "no": never.
-    mock: str = field(default="auto", metadata=_choices(*MOCK_CHOICES))
+    mock: str = field(default="auto", metadata=choices(*MOCK_CHOICES))
     #: Holding the button this long (then releasing) starts/ends a slide.
-    long_press_s: float = field(default=2.0, metadata=_range(0.2, 30.0))
+    long_press_s: float = field(default=2.0, metadata=value_range(0.2, 30.0))
     #: Button debounce.
-    bounce_ms: int = field(default=30, metadata=_range(0, 1000))
+    bounce_ms: int = field(default=30, metadata=value_range(0, 1000))
 
 
 @dataclass(frozen=True)
@@ -135,10 +131,10 @@ class StoreConfig:
     #: "" = $STATE_DIRECTORY under systemd, else ./state in the checkout.
     state_dir: Path | None = None
     #: Frame JPEGs are pruned, oldest first, to stay under this; records are never pruned.
-    image_budget_mb: int = field(default=2048, metadata=_range(0, 1_000_000))
+    image_budget_mb: int = field(default=2048, metadata=value_range(0, 1_000_000))
     #: Below this much free disk no more JPEGs are written (records still are).
-    reserve_mb: int = field(default=200, metadata=_range(0, 1_000_000))
-    jpeg_quality: int = field(default=90, metadata=_range(30, 100))
+    reserve_mb: int = field(default=200, metadata=value_range(0, 1_000_000))
+    jpeg_quality: int = field(default=90, metadata=value_range(30, 100))
     save_images: bool = True
 
 
@@ -148,10 +144,10 @@ class WebConfig:
 
     host: str = "127.0.0.1"
     #: 0 picks a free port (tests).
-    port: int = field(default=8080, metadata=_range(0, 65535))
+    port: int = field(default=8080, metadata=value_range(0, 65535))
     #: "" = generate one on first start and keep it in the state dir (file ``token``).
     token: str = ""
-    max_upload_mb: int = field(default=10, metadata=_range(1, 200))
+    max_upload_mb: int = field(default=10, metadata=value_range(1, 200))
     enabled: bool = True
     #: Extra host names the page may be reached by (e.g. "leukoscreen.clinic.lan"). IP addresses, localhost
     #: and this machine's own name (plain or .local) always work; any other Host header is refused
@@ -161,20 +157,20 @@ class WebConfig:
 
 @dataclass(frozen=True)
 class AlertsConfig:
-    """``[alerts]``: slide verdict rules and the alarm."""
+    """``[alerts]``: slide verdict rules (defaults: :class:`device.slides.SlideRules`) and the alarm."""
 
     #: A slide is called ALL once ALL is confidently seen in this many fields.
-    all_fields: int = field(default=2, metadata=_range(1, 1000))
+    all_fields: int = field(default=SlideRules.all_fields, metadata=value_range(1, 1000))
     #: A slide is called benign after this many confident benign fields and no ALL.
-    benign_fields: int = field(default=10, metadata=_range(1, 10000))
+    benign_fields: int = field(default=SlideRules.benign_fields, metadata=value_range(1, 10000))
     #: The ALL subtype is reported when this share of the ALL fields agree on it.
-    subtype_agreement: float = field(default=0.6, metadata=_range(0.0, 1.0))
+    subtype_agreement: float = field(default=SlideRules.subtype_agreement, metadata=value_range(0.0, 1.0))
     #: The slide is referred when this share of its classified fields were referred.
-    refer_fraction: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    refer_fraction: float = field(default=SlideRules.refer_fraction, metadata=value_range(0.0, 1.0))
     #: Sound the buzzer (when wired) while an ALL alarm is unacknowledged.
     buzzer: bool = True
     #: Half-period of the blinking patterns.
-    blink_s: float = field(default=0.4, metadata=_range(0.05, 5.0))
+    blink_s: float = field(default=0.4, metadata=value_range(0.05, 5.0))
 
 
 @dataclass(frozen=True)
@@ -197,121 +193,6 @@ SECTIONS: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(
 # -- parsing ---------------------------------------------------------------------------------------------
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, globalns=globals())
-
-
-def _fmt(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
-
-
-def _allowed(hint: Any, meta: dict) -> str:
-    if "choices" in meta:
-        return "one of " + ", ".join(_fmt(c) for c in meta["choices"])
-    lo, hi = meta.get("min"), meta.get("max")
-    base = {int: "an integer", float: "a number", bool: "true or false", str: "a string", Path: "a path string"}
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if ... not in args:
-            kind = f"a list of {len(args)} integers"
-        elif args[0] is str:
-            kind = "a list of host names (letters, digits, '-' and '.'; no scheme, port or wildcard)"
-        else:
-            kind = "a list of path strings"
-    elif origin in (types.UnionType, typing.Union):
-        kind = "a path string (\"\" for the default)"
-    else:
-        kind = base.get(hint, str(hint))
-    if lo is not None and hi is not None:
-        return f"{kind} from {lo} to {hi}"
-    if lo is not None:
-        return f"{kind} >= {lo}"
-    return kind
-
-
-def _bad(where: str, key: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{where}: {key} = {_fmt(value)} is not allowed; use {allowed}")
-
-
-def _convert(where: str, key: str, value: Any, hint: Any, meta: dict) -> Any:
-    """Check and convert one TOML value to the declared type."""
-    allowed = _allowed(hint, meta)
-    origin = typing.get_origin(hint)
-    if origin in (types.UnionType, typing.Union):  # Path | None: "" means the default
-        if value == "":
-            return None
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise _bad(where, key, value, allowed)
-        out: Any = value
-    elif hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _bad(where, key, value, allowed)
-        out = value
-    elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-            raise _bad(where, key, value, allowed)
-        out = float(value)
-    elif hint is str:
-        if not isinstance(value, str):
-            raise _bad(where, key, value, allowed)
-        out = value
-    elif hint is Path:
-        if not isinstance(value, str) or not value:
-            raise _bad(where, key, value, allowed)
-        out = Path(value)
-    elif origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise _bad(where, key, value, allowed)
-        if ... in args:  # tuple[Path, ...] or tuple[str, ...] (host names)
-            if not all(isinstance(v, str) and v for v in value):
-                raise _bad(where, key, value, allowed)
-            if args[0] is str:
-                names = tuple(v.strip().lower().rstrip(".") for v in value)
-                if not all(len(n) <= 253 and HOST_NAME.fullmatch(n) for n in names):
-                    raise _bad(where, key, value, allowed)
-                return names
-            return tuple(Path(v) for v in value)
-        if len(value) != len(args) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise _bad(where, key, value, allowed)
-        for v in value:
-            _check_range(where, key, value, v, meta, allowed)
-        return tuple(value)
-    else:  # pragma: no cover - a declaration error, not a user error
-        raise TypeError(f"config field {key} has unsupported type {hint}")
-    if "choices" in meta and out not in meta["choices"]:
-        raise _bad(where, key, value, allowed)
-    if not isinstance(out, bool) and isinstance(out, int | float):
-        _check_range(where, key, value, out, meta, allowed)
-    return out
-
-
-def _check_range(where: str, key: str, value: Any, v: float, meta: dict, allowed: str) -> None:
-    lo, hi = meta.get("min"), meta.get("max")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise _bad(where, key, value, allowed)
-
-
-def _section(where: str, name: str, cls: type, table: Any) -> Any:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: '{name}' must be a table ([{name}]), not {_fmt(table)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = _hints(cls)
-    kwargs = {}
-    for key, value in table.items():
-        if key not in fields:
-            raise ConfigError(f"{where}: unknown key {name}.{key}; [{name}] accepts "
-                              f"{', '.join(sorted(fields))}")
-        kwargs[key] = _convert(where, f"{name}.{key}", value, hints[key], dict(fields[key].metadata))
-    try:
-        return cls(**kwargs)
-    except ValueError as exc:  # a dataclass __post_init__ check (e.g. quality thresholds)
-        raise ConfigError(f"{where}: {exc}") from exc
-
-
 def parse(doc: dict, where: str = "<config>") -> Config:
     """A parsed TOML document into a :class:`Config`; every problem is a :class:`ConfigError`."""
     sections = {}
@@ -319,7 +200,7 @@ def parse(doc: dict, where: str = "<config>") -> Config:
         if name not in SECTIONS:
             raise ConfigError(f"{where}: unknown section [{name}]; sections are "
                               f"{', '.join('[' + s + ']' for s in SECTIONS)}")
-        sections[name] = _section(where, name, SECTIONS[name], table)
+        sections[name] = read_table(where, name, SECTIONS[name], table)
     cfg = Config(**sections)
     _cross_checks(cfg, where)
     return cfg
@@ -378,7 +259,7 @@ def load_gpio(path: str | Path | None) -> GpioConfig | None:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None
     try:
-        gpio = _section(str(path), "gpio", GpioConfig, doc.get("gpio", {}))
+        gpio = read_table(str(path), "gpio", GpioConfig, doc.get("gpio", {}))
         _cross_checks(Config(gpio=gpio), str(path))
     except ConfigError:
         return None
@@ -445,8 +326,6 @@ def resolve(cfg: Config, *, on_pi: bool | None = None, env: dict[str, str] | Non
         source = "picamera2" if on_pi else "replay"
     mock = {"auto": not on_pi, "yes": True, "no": False}[cfg.gpio.mock]
     state = resolve_path(cfg.store.state_dir) if cfg.store.state_dir is not None else default_state_dir(env)
-    from device.install import active_bundle
-
     factory = resolve_path(cfg.model.dir)
     bundles = resolve_path(cfg.model.bundles_dir) if cfg.model.bundles_dir is not None else state / "bundles"
     keys = resolve_path(cfg.model.keys_dir) if cfg.model.keys_dir is not None else default_keys_dir(env)
@@ -458,24 +337,4 @@ def resolve(cfg: Config, *, on_pi: bool | None = None, env: dict[str, str] | Non
 
 def to_toml(cfg: Config) -> str:
     """The effective config as TOML (what ``check-config`` prints)."""
-    lines = []
-    for name in SECTIONS:
-        lines.append(f"[{name}]")
-        section = getattr(cfg, name)
-        for f in dataclasses.fields(section):
-            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(v: Any) -> str:
-    if v is None:
-        return '""'
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    s = str(v)
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return dump({name: getattr(cfg, name) for name in SECTIONS})
