@@ -39,10 +39,13 @@ class FieldLike(Protocol):
 
 @dataclass(frozen=True)
 class SlideRules:
-    """``[alerts]`` in the config, plus the per-field rates measured by the toolchain (from the bundle)."""
+    """``[alerts]`` in the config, plus the per-field rates measured by the toolchain (from the bundle).
+
+    The defaults of the first four are ``[alerts]``'s (``device.config.AlertsConfig`` takes them from here).
+    """
 
     all_fields: int = 2  # ALL is never called on fewer fields with ALL evidence
-    benign_fields: int = 30  # benign is never called on fewer distinct classified fields
+    benign_fields: int = 10  # benign is never called on fewer distinct classified fields
     subtype_agreement: float = 0.6
     refer_fraction: float = 0.5
     field_false_alert: float = 0.02  # P(ALL evidence | benign field), upper bound
