@@ -20,16 +20,9 @@ import numpy as np
 import pytest
 
 from device.bundle import SCHEMA, load_bundle, sha256_file
+from device.bundles_dir import ACTIVE, PREVIOUS, active_bundle, pinned_files, previous_bundle
 from device.cli import main
-from device.install import (
-    ACTIVE,
-    PREVIOUS,
-    active_bundle,
-    installed,
-    pinned_files,
-    previous_bundle,
-    verify_bundle,
-)
+from device.install import installed, verify_bundle
 from device.reference import EXPECTED_FILE
 from device.signing import SIGNATURE, SignatureError, new_private_key, sign_bundle, verify_signature
 from tests.conftest import TEST_KEYS
