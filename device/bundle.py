@@ -42,9 +42,12 @@ class SlideModel:
     duplicate_similarity: float  # fingerprints at least this similar are the same field
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Bundle:
-    """A verified bundle: every file the manifest names checked against its sha256 and against each other."""
+    """A verified bundle: every file the manifest names checked against its sha256 and against each other.
+
+    Made only by :func:`load_bundle`; keyword-only, as no field of so many has a natural position.
+    """
 
     root: Path
     name: str
