@@ -79,9 +79,3 @@ class FeatureNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.features(x)
-
-
-def count_convs(net: nn.Module) -> tuple[int, int]:
-    convs = sum(isinstance(m, nn.Conv2d) for m in net.modules())
-    pools = sum(isinstance(m, nn.MaxPool2d) for m in net.modules())
-    return convs, pools
