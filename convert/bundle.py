@@ -33,6 +33,7 @@ from convert.scorecard import evaluate_all
 from convert.steps import edgetpu, step_seconds
 from device.bundle import MANIFEST, SCHEMA, load_bundle, sha256_file
 from device.head import load_head
+from device.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def add_references(out: Path, candidates: list[tuple[Path, str]], *, per_class: 
         for src in mine:
             rgb = frame_to_rgb(np.asarray(load_image(src), dtype=np.uint8), size)
             v = clf.classify(rgb).verdict
-            clear = v.status == "ok" and v.label == cls and v.confidence >= bundle.thresholds.confidence + \
+            clear = v.status == Status.OK and v.label == cls and v.confidence >= bundle.thresholds.confidence + \
                 REFERENCE_MARGIN
             margin = abs(v.confidence - bundle.thresholds.confidence)
             tried.append((not clear, -margin, len(tried), src, rgb))

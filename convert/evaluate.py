@@ -19,7 +19,9 @@ from convert.fit import svm
 from device.bundle import Thresholds
 from device.classifier import Verdict, decide
 from device.head import Head, evaluate_many, standardise
+from device.quality import OK as QUALITY_OK
 from device.slides import ALL, BENIGN, REFER, SlideRules, aggregate_tally
+from device.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +64,9 @@ def field_outcomes(head: Head, feats: np.ndarray, y: np.ndarray, th: Thresholds,
     outs, vs = verdicts(head, feats, th, benign)
     n = len(y)
     pred = np.array([o.index for o in outs]) if outs else np.zeros(0, int)
-    retake = (quality != "ok") if quality is not None else np.zeros(n, bool)
-    status = np.where(retake, "retake", np.array([v.status for v in vs]) if vs else np.zeros(0, str))
-    label_ok = np.array([v.status == "ok" for v in vs]) & ~retake
+    retake = (quality != QUALITY_OK) if quality is not None else np.zeros(n, bool)
+    status = np.where(retake, Status.RETAKE, np.array([v.status for v in vs]) if vs else np.zeros(0, str))
+    label_ok = np.array([v.status == Status.OK for v in vs]) & ~retake
     called_benign = label_ok & np.array([v.label == head.classes[benign] for v in vs])
     alert = ~retake & np.array([v.all for v in vs])
     is_all = y != benign
@@ -74,7 +76,7 @@ def field_outcomes(head: Head, feats: np.ndarray, y: np.ndarray, th: Thresholds,
         "all_called_benign_confident": int((is_all & called_benign).sum()),
         "benign_called_all": int((~is_all & alert).sum()),
         "all_fields": int(is_all.sum()), "benign_fields": int((~is_all).sum()),
-        "referred": int((status == "refer").sum()), "retake": int(retake.sum()),
+        "referred": int((status == Status.REFER).sum()), "retake": int(retake.sum()),
         "ok_accuracy": rate(int((label_ok & (pred == y)).sum()), int(label_ok.sum())),
         "sensitivity_alert": rate(int((is_all & alert).sum()), int(is_all.sum())),
         "specificity_alert": rate(int((~is_all & ~alert).sum()), int((~is_all).sum())),
@@ -138,10 +140,10 @@ def shift_table(head: Head, th: Thresholds, benign: int, y: np.ndarray, zs, suit
 def caught(head: Head, th: Thresholds, benign: int, feats: np.ndarray, quality: np.ndarray) -> dict:
     """Share of frames that get no confident label: retake (gate) or refer (OOD or low confidence)."""
     _, vs = verdicts(head, feats, th, benign)
-    ok = np.array([v.status == "ok" for v in vs]) & (quality == "ok")
-    ood = np.array([v.status == "refer" and "unlike" in v.reason for v in vs]) & (quality == "ok")
+    ok = np.array([v.status == Status.OK for v in vs]) & (quality == QUALITY_OK)
+    ood = np.array([v.status == Status.REFER and "unlike" in v.reason for v in vs]) & (quality == QUALITY_OK)
     labels = [v.label for v, o in zip(vs, ok) if o]
-    return {"n": len(vs), "caught": rate(int((~ok).sum()), len(vs)), "retake": int((quality != "ok").sum()),
+    return {"n": len(vs), "caught": rate(int((~ok).sum()), len(vs)), "retake": int((quality != QUALITY_OK).sum()),
             "referred_ood": int(ood.sum()), "confident": int(ok.sum()),
             "confident_labels": {c: labels.count(c) for c in sorted(set(labels))}}
 
@@ -166,7 +168,7 @@ def simulate_slides(status: list[str], alert: list[bool], label_all: list[bool],
             idx = np.concatenate([rng.choice(all_idx, n_blast), rng.choice(ben_idx, fields - n_blast)])
             t: dict = {}
             for i in idx:
-                key = (st[i], "ALL-subtype" if (st[i] == "ok" and ok_all[i]) else ("Benign" if st[i] == "ok"
+                key = (st[i], "ALL-subtype" if (st[i] == Status.OK and ok_all[i]) else ("Benign" if st[i] == Status.OK
                                                                                      else None), bool(al[i]))
                 t[key] = t.get(key, 0) + 1
             v = aggregate_tally(t, "Benign", rules, closed=True)

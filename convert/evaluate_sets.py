@@ -16,6 +16,7 @@ import numpy as np
 from convert import ood, shifts
 from device.calibrate import calibrate
 from device.preprocess import load_image
+from device.quality import OK as QUALITY_OK
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def shift_sets(sources: list[np.ndarray], geometry: tuple[float, float], one: Sc
                 out[key], out[key + "|q"] = f, q
                 out[key + "|side"] = np.float64(side or 0.0)
                 log.info("shift %s %s (%s): %d frames, %d passed the gate", sh.name, strength, mode, len(f),
-                         int((q == "ok").sum()))
+                         int((q == QUALITY_OK).sum()))
     return out
 
 

@@ -22,6 +22,8 @@ from convert.mrmr import mrmr
 from device.bundle import Thresholds
 from device.classifier import decide
 from device.head import OOD_METHODS, Head, evaluate_many, standardise
+from device.quality import OK as QUALITY_OK
+from device.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +141,7 @@ def choose_thresholds(head: Head, xva: np.ndarray, yva: np.ndarray, benign: int)
     verdicts = [decide(head, o, head.classes[benign], th) for o in outs]
     info = {"validation_images": len(yva), "missed_all_called_benign_max_confidence":
             float(missed.max()) if len(missed) else None,
-            "validation_ok_fraction": float(np.mean([v.status == "ok" for v in verdicts]))}
+            "validation_ok_fraction": float(np.mean([v.status == Status.OK for v in verdicts]))}
     return th, info
 
 
@@ -162,7 +164,7 @@ def compare_ood(xtr, ytr, xva, yva, classes, indices, C, seed, sets: dict[str, t
         row = {"method": method, "threshold": head.ood_threshold}
         for name, (f, q) in sets.items():
             d = np.array([o.distance for o in evaluate_many(head, f)]) if len(f) else np.zeros(0)
-            caught = (q != "ok") | (d > head.ood_threshold)
+            caught = (q != QUALITY_OK) | (d > head.ood_threshold)
             row[name] = float(caught.mean()) if len(caught) else float("nan")
         out_names = [n for n in sets if not n.startswith("in:")]
         row["mean_caught"] = float(np.nanmean([row[n] for n in out_names])) if out_names else 0.0

@@ -27,7 +27,9 @@ from convert.evaluate import (
 from convert.options import Options, load_part, paths
 from device.bundle import Thresholds
 from device.head import load_head
+from device.quality import OK as QUALITY_OK
 from device.slides import SlideRules
+from device.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def evaluate_all(o: Options) -> dict:
     flt = field_outcomes(head, z["test_float"], y, th, benign)
     rules = slide_rules(val)
     suite = shifts.suite()
-    ok_all = [s == "ok" and a for s, a in zip(test["status"], test["alert"])]
+    ok_all = [s == Status.OK and a for s, a in zip(test["status"], test["alert"])]
     _, parts, _ = data.read_split(pp.split)
     # neighbouring acquisition numbers (blocks of the default split's size: about one patient)
     blocks = np.array([f"{t.label}:{t.number // data.BLOCK}" for t in parts["test"]])
@@ -112,7 +114,7 @@ def _same_decisions(a: dict, b: dict) -> int:
 
 
 def _ood(head, th, benign, zo, zs, suite, z) -> dict:
-    out = {"new-patient test": caught(head, th, benign, z["test"], np.array(["ok"] * len(z["test"])))}
+    out = {"new-patient test": caught(head, th, benign, z["test"], np.array([QUALITY_OK] * len(z["test"])))}
     for mode in ("calibrated", "none"):
         if f"bccd|{mode}" in zo.files:
             out[f"ood-bccd ({'calibrated' if mode == 'calibrated' else 'uncalibrated'})"] = caught(

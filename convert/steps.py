@@ -19,6 +19,7 @@ import numpy as np
 from convert import data
 from convert.options import WEIGHTS_FILE, Options, load_part, paths
 from device.bundle import MANIFEST, sha256_file
+from device.quality import OK as QUALITY_OK
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def head(o: Options) -> None:
         xtr, ytr, xva, yva = z["train"], z["y_train"], z["val"], z["y_val"]
         sel = choose_k(xtr, ytr, xva, yva, criterion=o.criterion, seed=o.seed)
         idx = sel.ranking[:sel.k]
-        sets = {"in:validation": (xva, np.array(["ok"] * len(xva)))}
+        sets = {"in:validation": (xva, np.array([QUALITY_OK] * len(xva)))}
         for name in ("bccd|calibrated", "bccd|none", "synthetic"):
             if name in zo.files:
                 sets[name] = (zo[name], zo[name + "|q"])
