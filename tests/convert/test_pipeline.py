@@ -108,7 +108,8 @@ def test_committed_weights_are_reused_instead_of_retraining(built, smear_dir, ca
     assert cli.main(["train", *base]) == 0
     assert "reusing the committed weights" in capsys.readouterr().out
     assert not (work / "train").exists()  # no epoch was run
-    from convert.steps import Options, reuse_committed_weights
+    from convert.options import Options
+    from convert.steps import reuse_committed_weights
 
     o = Options(data=smear_dir, work=work, models=tmp / "models")
     cfg = json.loads((work / "stamps" / "train.json").read_text())
