@@ -70,7 +70,7 @@ def edgetpu(o: Options, a: argparse.Namespace) -> None:
     print(f"Edge TPU model: {out}" if out else "edgetpu_compiler is not installed; see the message above")
 
 
-def onnx(o: Options, a: argparse.Namespace) -> Path:
+def import_onnx_command(o: Options, a: argparse.Namespace) -> Path:
     if a.target is None:
         raise SystemExit("python -m convert import-onnx FILE.onnx: name the ONNX file")
     return import_onnx(o, Path(a.target), classes=a.classes.split(",") if a.classes else None)
@@ -84,7 +84,7 @@ COMMANDS: dict[str, Command] = {
     "references": lambda o, a: add_references(o.models, held_out_candidates(o)),
     "all": run_chain,
     "sign": lambda o, a: sign(a),
-    "import-onnx": onnx,
+    "import-onnx": import_onnx_command,
 }
 
 

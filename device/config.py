@@ -3,7 +3,8 @@
 Every key is declared here with its type, default and allowed values, so a
 typo or an out-of-range number is refused at start-up with the dotted key,
 the bad value and what is allowed, instead of being silently ignored on a
-machine with no screen. ``python -m device check-config`` prints the result.
+machine with no screen (the checking is :mod:`device.typedtoml`). ``python -m device check-config``
+prints the result.
 
 Relative paths in a config file are resolved against the LeukoScreen
 checkout (the folder holding ``device/``), so ``make run``, the systemd unit
