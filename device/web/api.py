@@ -7,6 +7,7 @@ loop's own thread by ``Service.classify_upload``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hmac
 import io
@@ -25,7 +26,9 @@ from flask import Blueprint, Response, abort, current_app, jsonify, render_templ
 from PIL import Image
 
 from device.errors import ImageError, ScreenError, StoreError
-from device.store import STATUSES, UNKNOWN_BUNDLE, FieldResult, Filters, iso
+from device.status import STATUSES
+from device.store.export import UNKNOWN_BUNDLE, iso
+from device.store.records import FieldResult, Filters, SlideRow
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ def public_result(r: FieldResult | dict | None) -> dict | None:
     if r is None:
         return None
     d = r.to_dict() if isinstance(r, FieldResult) else dict(r)
+    d["time_iso"] = iso(d["time"])
     rel = d.pop("image", None)
     rid = d.get("id")
     has_image = bool(rel) and rid is not None
@@ -109,6 +113,13 @@ def _result_or_404(id_text: str) -> FieldResult:
     if r is None:
         abort(404, description=f"no result with id {id_text}")
     return r
+
+
+def slide_json(row: SlideRow) -> dict:
+    d = dataclasses.asdict(row)
+    d["started_iso"] = iso(row.started)
+    d["ended_iso"] = iso(row.ended) if row.ended is not None else None
+    return d
 
 
 def _slide_or_404(slide_id: str):
@@ -349,7 +360,7 @@ def slides():
     current = (service.status().get("slide") or {}).get("id")
     out = []
     for row in rows:
-        d = row.to_dict()
+        d = slide_json(row)
         d["open"] = row.id == current
         d["report_url"] = f"/api/slides/{row.id}/report"
         out.append(d)
@@ -361,7 +372,7 @@ def slide(slide_id: str):
     row = _slide_or_404(slide_id)
     service = _service()
     v = service.slide_verdict(row.id)
-    d = row.to_dict()
+    d = slide_json(row)
     d["verdict"] = v.to_dict() if v is not None else None
     d["report_url"] = f"/api/slides/{row.id}/report"
     d["results_url"] = f"/api/results?slide={row.id}"
