@@ -203,7 +203,7 @@ def test_bad_status_is_refused(store: ResultStore) -> None:
 def test_frozen_result_to_dict_is_json_ready(store: ResultStore) -> None:
     import json
 
-    from device.web.api import public_result as result_json
+    from device.web.presenters import result_json
 
     r = store.record(result(1), np.zeros((64, 64, 3), np.uint8))
     d = json.loads(json.dumps(result_json(r)))
