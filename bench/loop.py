@@ -53,7 +53,8 @@ from device.preprocess import frame_to_rgb, load_image, quantize_input
 from device.quality import assess
 from device.service import Service
 from device.sources import Frame, ReplaySource, list_images
-from device.store import FieldResult, ResultStore
+from device.store import ResultStore
+from device.store.records import FieldResult
 
 log = logging.getLogger(__name__)
 

@@ -63,7 +63,8 @@ from device.slides import (
     field_key,
 )
 from device.sources import Frame, FrameSource, SourceExhausted
-from device.store import FieldResult, ResultStore
+from device.store import ResultStore
+from device.store.records import FieldResult
 
 log = logging.getLogger(__name__)
 

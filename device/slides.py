@@ -30,7 +30,7 @@ PENDING, BENIGN, ALL, REFER = "pending", "benign", "ALL", "refer"
 
 
 class FieldLike(Protocol):
-    """What aggregation needs from a field result (``device.store.FieldResult`` has it)."""
+    """What aggregation needs from a field result (``device.store.records.FieldResult`` has it)."""
 
     status: str  # "ok" | "retake" | "refer"
     label: str | None

@@ -17,7 +17,8 @@ from PIL import Image
 from device.errors import StoreError
 from device.quality import assess
 from device.sources import synthetic_field
-from device.store import FieldResult, Filters, ResultStore
+from device.store import ResultStore
+from device.store.records import FieldResult, Filters
 
 SHA = "ab" * 32
 
@@ -202,8 +203,10 @@ def test_bad_status_is_refused(store: ResultStore) -> None:
 def test_frozen_result_to_dict_is_json_ready(store: ResultStore) -> None:
     import json
 
+    from device.web.presenters import result_json
+
     r = store.record(result(1), np.zeros((64, 64, 3), np.uint8))
-    d = json.loads(json.dumps(r.to_dict()))
+    d = json.loads(json.dumps(result_json(r)))
     assert d["id"] == 1 and d["quality"]["ok"] is True and d["time_iso"].endswith("Z")
 
 

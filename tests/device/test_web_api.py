@@ -29,7 +29,10 @@ from device.errors import StoreError
 from device.service import Service
 from device.sources import ReplaySource
 from device.store import ResultStore
-from device.web import SECURITY_HEADERS, create_app, serve
+from device.web import create_app, serve
+from device.web.presenters import THUMB_SIZE, thumbnail
+from device.web.protocol import ServiceAPI
+from device.web.security import SECURITY_HEADERS
 from tests.device.conftest import SAMPLES, wait_until
 
 TOKEN = "test-token-0123456789"
@@ -595,3 +598,18 @@ def test_serve_binds_localhost_by_default(service: Service) -> None:
 
     assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
     assert config_mod.Config().web.host == "127.0.0.1"
+
+
+def test_the_service_is_what_the_page_types_it_by(service: Service) -> None:
+    assert isinstance(service, ServiceAPI)
+
+
+def test_a_thumbnail_is_the_frames_centre_square_when_there_is_no_eyepiece_disc(tmp_path: Path) -> None:
+    frame = np.full((200, 300, 3), 200, np.uint8)
+    frame[:, :50] = frame[:, 250:] = (255, 255, 0)  # bright yellow bands either side, outside the centre square
+    path = tmp_path / "frame.jpg"
+    Image.fromarray(frame).save(path, quality=95)
+    with Image.open(io.BytesIO(thumbnail(path))) as im:
+        thumb = np.asarray(im.convert("RGB"), dtype=np.float32)
+    assert thumb.shape == (THUMB_SIZE, THUMB_SIZE, 3)
+    assert abs(float(thumb[..., 2].mean()) - 200) < 8  # no yellow (blue 0) came in from the sides

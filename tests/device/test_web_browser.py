@@ -24,7 +24,8 @@ from device.classifier import Classifier
 from device.service import Service
 from device.sources import ReplaySource
 from device.store import ResultStore
-from device.web import WebServer, serve
+from device.web import serve
+from device.web.server import WebServer
 from tests.device.conftest import ROOT, SAMPLES, wait_until
 
 pytestmark = pytest.mark.browser

@@ -523,7 +523,7 @@ class SimulatedDisk:
     real = False
 
     def __init__(self, path: Path, size: int, monkeypatch: pytest.MonkeyPatch):
-        import device.store as store_mod
+        import device.store.images as store_mod
 
         self.path, self.size, self.ballast, self.full = path, size, 0, False
         path.mkdir(parents=True, exist_ok=True)

@@ -172,7 +172,7 @@ def test_the_page_governor_waits_only_when_in_debt(table) -> None:
     polling normally never waits; in a flood, after a burst the next request waits until the page's share of
     the time is back under the cap; without a flood (a browser loading the page) nothing waits even in debt.
     Asserted on the seconds the governor itself slept, not on wall-clock time."""
-    from device.web import CpuGovernor
+    from device.web.server import CpuGovernor
 
     g = CpuGovernor(share=0.5, burst_s=0.05, overhead_s=0.0)
     normal = 0.0
