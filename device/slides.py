@@ -6,7 +6,8 @@ using the per-field error rates the toolchain measured on held-out images (``man
 ``slide``):
 
 * **ALL** when that number is more than a benign slide produces: P(X >= k | n, f) < ``false_alarm_risk``,
-  f = the rate at which benign fields raise ALL evidence (upper 95% bound), and k >= ``all_fields``.
+  f = the rate at which benign fields raise ALL evidence (the validation split's point estimate, floored at
+  0.5%), and k >= ``all_fields``.
 * **benign** when it is fewer than a slide with ``min_blast_fraction`` of blast fields would produce:
   P(X <= k | n, q) < ``missed_risk``, q = b * sensitivity + (1 - b) * f, and n >= ``benign_fields``.
 * **refer** when too many fields were uncertain, or when the slide is closed before either test decides.
@@ -48,8 +49,8 @@ class SlideRules:
     benign_fields: int = 10  # benign is never called on fewer distinct classified fields
     subtype_agreement: float = 0.6
     refer_fraction: float = 0.5
-    field_false_alert: float = 0.02  # P(ALL evidence | benign field), upper bound
-    field_sensitivity: float = 0.9  # P(ALL evidence | blast field), lower bound
+    field_false_alert: float = 0.02  # P(ALL evidence | benign field); the bundle's measured rate replaces it
+    field_sensitivity: float = 0.9  # P(ALL evidence | blast field); likewise
     min_blast_fraction: float = 0.05  # a slide with this share of blast fields must not be called benign
     false_alarm_risk: float = 0.001
     missed_risk: float = 0.005
