@@ -145,7 +145,7 @@ def camera_frames(n: int = 12, size: tuple[int, int] = CAMERA_SIZE) -> list[np.n
 
 def lores_frames(frames: list[np.ndarray], model_size: int) -> list[np.ndarray]:
     """The model-size stream of each frame, as the ISP would scale it (same aspect; made once, not timed)."""
-    from device.sources import lores_size
+    from device.pi_camera import lores_size
 
     h, w = frames[0].shape[:2]
     size = lores_size((w, h), model_size)

@@ -25,8 +25,9 @@ from device.errors import StoreError
 from device.install import installed, verify_bundle
 from device.leds import AlertInputs, LedDriver, Pattern, alert_state, make_pin_factory
 from device.notify import Notifier
+from device.pi_camera import Picamera2Source
 from device.service import Service
-from device.sources import FileSource, FrameSource, Picamera2Source, ReplaySource, SyntheticSource
+from device.sources import FileSource, FrameSource, ReplaySource, SyntheticSource
 from device.store import ResultStore, open_store
 
 log = logging.getLogger(__name__)
