@@ -261,8 +261,9 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
     def leds() -> str:
         from device.app import make_leds
+        from device.leds import make_pin_factory
 
-        drv = make_leds(cfg, res.mock_gpio)
+        drv = make_leds(cfg, make_pin_factory(res.mock_gpio))
         try:
             drv.lamp_test(0.05 if res.mock_gpio else 0.4)
         finally:
@@ -271,10 +272,10 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     check("leds", leds)
 
     def camera() -> str:
-        from device.app import source_factory
+        from device.app import configured_source
         from device.quality import assess
 
-        factory, kind = source_factory(res)
+        factory, kind = configured_source(res)
         src = factory()
         try:
             frame = src.read()
@@ -300,9 +301,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.images:
         frames = [np.asarray(load_image(p)) for p in args.images]
     else:
-        from device.app import source_factory
+        from device.app import configured_source
 
-        factory, kind = source_factory(res)
+        factory, kind = configured_source(res)
         src = factory()
         try:
             frames = [src.read().array for _ in range(args.frames)]

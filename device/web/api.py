@@ -80,7 +80,7 @@ def public_result(r: FieldResult | dict | None) -> dict | None:
 
 
 def public_status(service: Any) -> dict:
-    st = dict(service.status())
+    st = service.status().to_json()
     st["last"] = public_result(st.get("last"))
     slide = st.get("slide")
     if slide and slide.get("id"):
@@ -238,7 +238,7 @@ def status():
 @bp.get("/api/health")
 def health():
     """Tiny liveness figure for monitors: 200 when ready with no faults, else 503."""
-    st = _service().status()
+    st = _service().status().to_json()
     ok = bool(st.get("ready")) and not st.get("faults")
     resp = jsonify(ready=bool(st.get("ready")), faults=[f.get("kind") for f in st.get("faults") or []],
                    seq=st.get("seq"))
@@ -346,7 +346,7 @@ def slides():
     offset = _int_arg("offset", 0, 0, 10**9)
     service = _service()
     rows = service.store.slides(limit=limit, offset=offset)
-    current = (service.status().get("slide") or {}).get("id")
+    current = (service.status().to_json().get("slide") or {}).get("id")
     out = []
     for row in rows:
         d = row.to_dict()
@@ -526,4 +526,4 @@ def slide_end():
 def acknowledge():
     service = _service()
     service.acknowledge()
-    return jsonify(acknowledged=True, alarm=bool(service.status().get("alarm")))
+    return jsonify(acknowledged=True, alarm=bool(service.status().to_json().get("alarm")))
