@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import sqlite3
+import sys
 import threading
 from functools import partial
 from pathlib import Path
@@ -20,12 +21,16 @@ from device.app import build as build_app
 from device.app import make_leds
 from device.errors import CameraError, ImageError
 from device.leds import ALT, BLINK, FAST, ON, Pattern, make_pin_factory
+from device.loop.alerts import Alerts
+from device.loop.board import Board
+from device.loop.camera import Backoff, Camera
 from device.loop.field import MAX_UNCOMMITTED
 from device.loop.frames import frame_changed, thumbnail
 from device.notify import Notifier
 from device.service import Service
 from device.sources import Frame, ReplaySource
 from device.store import ResultStore
+from tests.device.conftest import wait_until
 
 GREEN, AMBER, RED, BUTTON = 17, 27, 22, 23
 
@@ -366,3 +371,131 @@ def test_the_small_stream_is_gated_and_classified_and_the_main_stream_stored(bui
     with Image.open(svc.store.image_file(r)) as im:
         assert im.size == (640, 480)  # the record keeps the main stream
 
+
+# -- the camera: back-off and the one thread per opened source ------------------------------------------------------
+
+
+def test_backoff_doubles_from_the_first_delay_up_to_the_cap() -> None:
+    b = Backoff(first_s=0.5, max_s=5.0)
+    assert [b.delay(n) for n in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+    assert b.delay(10_000) == 5.0  # a camera dead for days: no overflow
+    assert Backoff(first_s=3.0, max_s=3.0).delay(1) == 3.0
+
+
+class ThreadedSource:
+    """Notes the thread of every call, and hangs the reads while ``hang`` is set."""
+
+    def __init__(self, frame: np.ndarray, log: list, hang: threading.Event, release: threading.Event):
+        self.frame, self.log, self.hang, self.release = frame, log, hang, release
+        log.append(("open", threading.current_thread()))
+
+    def read(self) -> Frame:
+        self.log.append(("read", threading.current_thread()))
+        if self.hang.is_set():
+            self.release.wait(30)
+        return Frame(self.frame, "f")
+
+    def close(self) -> None:
+        self.log.append(("close", threading.current_thread()))
+
+
+def test_camera_calls_run_on_one_thread_per_open_and_a_hung_read_is_abandoned(make_config, sample_paths) -> None:
+    frame = np.asarray(Image.open(sample_paths[0]).convert("RGB"))
+    calls: list = []
+    hang, release = threading.Event(), threading.Event()
+    cfg = make_config(camera={"read_timeout_s": 0.2, "retry_min_s": 0.01, "retry_max_s": 0.05})
+    board = Board()
+    alerts = Alerts(board, leds=None, notifier=Notifier(address=""), buzzer=False, summary=lambda: "ok")
+    cam = Camera(lambda: ThreadedSource(frame, calls, hang, release), cfg.camera, board=board, alerts=alerts)
+    try:
+        assert all(cam.read() is not None for _ in range(5))
+        first = {t for _, t in calls}
+        assert len(first) == 1 and threading.current_thread() not in first  # open and reads: one camera thread
+        hang.set()
+        assert cam.read() is None  # timed out: a camera fault, the source closed on a fresh thread
+        assert alerts.faults()[0].kind == "camera" and "did not return within 0.2 s" in alerts.faults()[0].message
+        closer = calls[-1]
+        assert closer[0] == "close" and closer[1] not in first
+        hang.clear()
+        assert wait_until(lambda: cam.read() is not None, 5)  # reopened after the back-off, on a new thread
+        assert calls[-2][0] == "open" and calls[-2][1] not in first | {closer[1]}
+        assert alerts.faults() == () and board.counts["camera_errors"] == 1
+    finally:
+        release.set()
+        cam.close()
+
+
+# -- the composition root: every failure closes what was made -------------------------------------------------------
+
+
+class ClosingStore(ResultStore):
+    closed = False
+
+    def close(self) -> None:
+        super().close()
+        self.closed = True
+
+
+class FailingStore(ClosingStore):
+    def close_open_slides(self) -> list[str]:
+        raise RuntimeError("the database vanished under the service")
+
+
+def _parts(make_config, decisive_classifier, sample_paths, tmp_path, store_cls=ClosingStore, **sections):
+    """build() arguments that keep hold of the store, LEDs and notifier it makes."""
+    made: dict = {}
+
+    def store(path, _cfg):
+        made["store"] = store_cls(path, reserve_bytes=0)
+        return made["store"]
+
+    def leds(cfg, pins):
+        made["leds"] = make_leds(cfg, pins, autostart=False)
+        return made["leds"]
+
+    cfg = make_config(trigger={"mode": "button"}, web={"token": "t0k3n"}, **sections)
+    kw = dict(classifier=decisive_classifier, source=(only(sample_paths[0], tmp=tmp_path), "replay"), store=store,
+              leds=leds, notifier=Notifier(address=""))
+    return cfg, kw, made
+
+
+def test_without_flask_the_loop_runs_without_a_page_and_closes_everything(make_config, decisive_classifier,
+                                                                          sample_paths, tmp_path, monkeypatch) -> None:
+    from device import app as app_mod
+
+    monkeypatch.setitem(sys.modules, "flask", None)  # flask not installed: importing it fails
+    assert app_mod.web_module() is None
+    cfg, kw, made = _parts(make_config, decisive_classifier, sample_paths, tmp_path)
+    app = build_app(cfg, **kw)
+    try:
+        assert app.web is None and app.service.running and app.service.status().ready
+    finally:
+        app.close()
+    assert made["store"].closed and made["leds"].green.closed and not app.service.running
+
+
+def test_a_page_module_that_fails_to_load_leaves_nothing_open(make_config, decisive_classifier, sample_paths,
+                                                             tmp_path) -> None:
+    def broken_web():
+        raise ImportError("cannot import name 'create_app' from 'device.web' (a half-installed update)")
+
+    cfg, kw, made = _parts(make_config, decisive_classifier, sample_paths, tmp_path)
+    with pytest.raises(ImportError, match="half-installed"):
+        build_app(cfg, web=broken_web, **kw)
+    assert made["store"].closed and made["leds"].green.closed
+
+
+def test_a_failure_during_start_closes_the_store_leds_and_notifier(make_config, decisive_classifier, sample_paths,
+                                                                  tmp_path) -> None:
+    cfg, kw, made = _parts(make_config, decisive_classifier, sample_paths, tmp_path, store_cls=FailingStore)
+    closed: list[str] = []
+
+    class Recording(Notifier):
+        def close(self) -> None:
+            closed.append("notifier")
+            super().close()
+
+    kw["notifier"] = Recording(address="")
+    with pytest.raises(RuntimeError, match="vanished"):
+        build_app(cfg, **kw)
+    assert made["store"].closed and made["leds"].green.closed and closed == ["notifier"]
