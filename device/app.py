@@ -6,6 +6,10 @@ SIGTERM/SIGINT stop it in the reverse order, and so does a failure on the way.
 
 :func:`build` takes the parts as injectable factories, so the bench and the tests assemble the service
 the way ``python -m device run`` does, with their own classifier, store, frame source or pins.
+
+Threads: ``build``, ``App.close``, ``run`` and ``show_start_fault`` run on the main thread (``run`` and
+``show_start_fault`` take SIGTERM/SIGINT there); the button's callbacks, wired here to ``Service.press`` and
+``Service.long_press``, arrive on gpiozero's thread.
 """
 
 from __future__ import annotations
