@@ -1,14 +1,14 @@
 """The screening loop, timed: the real ``device.service.Service``, idle and under loopback page load.
 
-The Service is assembled the way ``device.app.build`` does it, from public
-constructors, with two measuring subclasses injected where the Service takes
-its dependencies: a :class:`ResultStore` that times ``record`` and a
+The Service is assembled by ``device.app.build`` (the composition root of
+``python -m device run``), with two measuring subclasses injected through its
+factories: a :class:`ResultStore` that times ``record`` and a
 :class:`LedDriver` (on gpiozero's ``MockFactory``) that times ``show``. The
 rest of each field's stages come from the timings the Service itself records
 (capture, quality, preprocess, invoke, head). Time per field is the interval
 between consecutive frame captures (``Frame.t``).
 
-The loop is a pipeline (``device.service``): capture, quality and
+The loop is a pipeline (``device.service``, ``device.loop``): capture, quality and
 preprocessing of the next frame (frames thread) and the record of the last
 one (recorder thread) run while the screening thread invokes the model. So
 a field's period is the screening thread's inference + head + whatever the
@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +45,15 @@ from PIL import Image
 
 from bench.stats import summary
 from device import config as config_mod
+from device.app import App, build, make_leds
 from device.bundle import Bundle
 from device.classifier import Classifier, decide
 from device.head import evaluate
-from device.leds import LedDriver, make_pin_factory
+from device.leds import LedDriver
 from device.notify import Notifier
+from device.pi_camera import lores_size
 from device.preprocess import frame_to_rgb, load_image, quantize_input
 from device.quality import assess
-from device.service import Service
 from device.sources import Frame, ReplaySource, list_images
 from device.store import ResultStore
 from device.store.records import FieldResult
@@ -84,10 +86,10 @@ class Rec:
 class TimedStore(ResultStore):
     """A real ResultStore whose ``record`` (JPEG + SQLite commit) is timed."""
 
-    def __init__(self, *args: Any, leds: TimedLeds | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.recs: list[Rec] = []
-        self.leds = leds
+        self.leds: TimedLeds | None = None  # whose running total each record notes
         self._recs_lock = threading.Lock()
 
     def record(self, result: FieldResult, image: bytes | np.ndarray | None = None) -> FieldResult:
@@ -95,7 +97,7 @@ class TimedStore(ResultStore):
         out = super().record(result, image)
         ms = (time.perf_counter() - t0) * 1000
         with self._recs_lock:
-            self.recs.append(Rec(result.time, result.status, dict(result.timings), ms,
+            self.recs.append(Rec(result.time, str(result.status), dict(result.timings), ms,
                                  self.leds.total_ms if self.leds is not None else 0.0))
         return out
 
@@ -146,8 +148,6 @@ def camera_frames(n: int = 12, size: tuple[int, int] = CAMERA_SIZE) -> list[np.n
 
 def lores_frames(frames: list[np.ndarray], model_size: int) -> list[np.ndarray]:
     """The model-size stream of each frame, as the ISP would scale it (same aspect; made once, not timed)."""
-    from device.sources import lores_size
-
     h, w = frames[0].shape[:2]
     size = lores_size((w, h), model_size)
     return [np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BILINEAR), dtype=np.uint8) for f in frames]
@@ -164,23 +164,26 @@ def bench_config(bundle_dir: Path, threads: int, state_dir: Path, *, web_port: i
         "trigger": {"mode": "continuous", "interval_ms": 0},
         "gpio": {"mock": "yes"},
         "store": {"state_dir": str(state_dir)},
-        "web": {"host": "127.0.0.1", "port": web_port},
+        "web": {"host": "127.0.0.1", "port": web_port, "token": "bench"},
     }
     return config_mod.parse(doc, "<bench>")
 
 
-def make_service(cfg: config_mod.Config, bundle: Bundle, classifier: Classifier, state_dir: Path,
-                 source_factory: Callable[[], Any], kind: str) -> tuple[Service, TimedStore, TimedLeds]:
-    g, s = cfg.gpio, cfg.store
-    leds = TimedLeds(green=g.green, amber=g.amber, red=g.red, button=g.button, buzzer=g.buzzer or None,
-                     pin_factory=make_pin_factory(True), blink_s=cfg.alerts.blink_s, long_press_s=g.long_press_s,
-                     bounce_s=g.bounce_ms / 1000.0 or None)
-    store = TimedStore(state_dir, image_budget_bytes=int(s.image_budget_mb) << 20,
-                       reserve_bytes=int(s.reserve_mb) << 20, jpeg_quality=s.jpeg_quality,
-                       save_images=s.save_images, leds=leds)
-    svc = Service(cfg, bundle=bundle, classifier=classifier, store=store, source_factory=source_factory,
-                  source_kind=kind, leds=leds, notifier=Notifier(address=""), token="bench", state_dir=state_dir)
-    return svc, store, leds
+def timed_store(state_dir: Path, s: config_mod.StoreConfig) -> TimedStore:
+    """``device.store.open_store``, timing its records."""
+    return TimedStore(state_dir, image_budget_bytes=int(s.image_budget_mb) << 20,
+                      reserve_bytes=int(s.reserve_mb) << 20, jpeg_quality=s.jpeg_quality, save_images=s.save_images)
+
+
+def make_service(cfg: config_mod.Config, classifier: Classifier, source_factory: Callable[[], Any],
+                 kind: str) -> tuple[App, TimedStore, TimedLeds]:
+    """The service as ``python -m device run`` builds it (mock GPIO, no page), with the timing store and LEDs;
+    not started yet, so the store can read the LEDs' total from the first field."""
+    app = build(cfg, classifier=classifier, store=timed_store, source=(source_factory, kind),
+                leds=partial(make_leds, driver=TimedLeds), notifier=Notifier(address=""), web=None, start=False)
+    assert isinstance(app.store, TimedStore) and isinstance(app.leds, TimedLeds)
+    app.store.leds = app.leds
+    return app, app.store, app.leds
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:
@@ -278,15 +281,13 @@ def run_loop(bundle: Bundle, classifier: Classifier, threads: int, *, source: st
         bare_ms = bare_invoke(classifier.model, rgb, bare_s / (blocks + 1))
         timed: list[list[Rec]] = []
         for _ in range(blocks):
-            svc, store, leds = make_service(cfg, bundle, classifier, state, factory, source)
-            svc.start()
+            app, store, _ = make_service(cfg, classifier, factory, source)
+            app.service.start()
             try:
                 ok = wait_for(lambda store=store: len(store.recs) >= warm + per_block + 1,
                               max(1.0, deadline - time.monotonic()))
             finally:
-                svc.stop()
-                leds.close()
-                store.close()
+                app.close()
             recs = store.snapshot()
             if not ok:
                 return {"label": label, "error": f"a loop block recorded only {len(recs)} of {warm + per_block + 1} "
@@ -357,10 +358,9 @@ def _under_page(bundle: Bundle, classifier: Classifier, threads: int, *, warm: i
     with tempfile.TemporaryDirectory(prefix="bench-page-") as tmp:
         state = Path(tmp) / "state"
         cfg = bench_config(bundle.root, threads, state)
-        svc, store, leds = make_service(cfg, bundle, classifier, state, lambda: ReplaySource(SAMPLES, loop=True),
-                                        "replay")
-        svc.start()
-        server = web.serve(svc, "127.0.0.1", 0)
+        app, store, _ = make_service(cfg, classifier, lambda: ReplaySource(SAMPLES, loop=True), "replay")
+        app.service.start()
+        server = web.serve(app.service, "127.0.0.1", 0)
         phases: list[tuple[str, float, float]] = []
         stats: list[dict] = []
         try:
@@ -378,9 +378,7 @@ def _under_page(bundle: Bundle, classifier: Classifier, threads: int, *, warm: i
                     phases.append((name, t0, t1))
         finally:
             server.close()
-            svc.stop()
-            leds.close()
-            store.close()
+            app.close()
         return phases, stats, store.snapshot()
 
 

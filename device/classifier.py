@@ -1,7 +1,11 @@
 """Field classification: preprocessing -> int8 features -> numpy head -> verdict.
 
 :func:`decide` is the pure decision rule; :class:`Classifier` binds a bundle
-to a loaded model. Quality gating happens before (``device.quality``).
+to a loaded model. The field pipeline is :func:`screen_field`: the quality gate
+(``device.quality``), then the classifier. Its two halves, :func:`gate_field`
+(pure, any thread) and :func:`infer_field` (the thread that owns the
+interpreter), are what the screening loop runs on its two threads; ``classify``
+and ``selftest`` run them back to back.
 """
 
 from __future__ import annotations
@@ -17,22 +21,26 @@ from device.head import Head, HeadOutput, evaluate, standardise
 from device.inference import TFLiteModel
 from device.preprocess import Prepared, prepare, quantize_input
 from device.quality import Quality, QualityThresholds, gate
+from device.status import Status
 
 log = logging.getLogger(__name__)
-
-OK, RETAKE, REFER = "ok", "retake", "refer"
 
 
 @dataclass(frozen=True)
 class Verdict:
-    status: str  # "ok" | "retake" | "refer"
-    label: str | None  # class name when status == "ok"
-    all: bool  # ALL detected (may be True with status "refer" when only the subtype is unsure)
+    status: Status
+    label: str | None  # class name when status is OK
+    all: bool  # ALL detected (may be True with status REFER when only the subtype is unsure)
     confidence: float  # calibrated probability of the reported label (or of the top class)
     scores: dict[str, float]  # calibrated probability per class
     reason: str  # why retake/refer; empty when ok
-    distance: float  # to the training features (OOD figure)
-    p_all: float  # summed probability of the ALL classes
+    distance: float | None  # to the training features (OOD figure); None for a retake (never classified)
+    p_all: float | None  # summed probability of the ALL classes; None for a retake
+
+
+def retake(quality: Quality) -> Verdict:
+    """The verdict of a field the quality gate refused: never classified, the gate's reason says what to fix."""
+    return Verdict(Status.RETAKE, None, False, 0.0, {}, quality.reason, None, None)
 
 
 def decide(head: Head, out: HeadOutput, benign: str, th: Thresholds) -> Verdict:
@@ -46,18 +54,18 @@ def decide(head: Head, out: HeadOutput, benign: str, th: Thresholds) -> Verdict:
     p_all = float(sum(p for c, p in scores.items() if c != benign))
     top = classes[out.index]
     if out.distance > head.ood_threshold:
-        return Verdict(REFER, None, False, out.confidence, scores,
+        return Verdict(Status.REFER, None, False, out.confidence, scores,
                        f"field unlike the training images (out-of-distribution score {out.distance:.2f} > "
                        f"{head.ood_threshold:.2f}); check slide, stain and magnification, or send to a haematologist",
                        out.distance, p_all)
     need = th.benign_confidence if top == benign else th.confidence
     if out.confidence >= need:
-        return Verdict(OK, top, top != benign, out.confidence, scores, "", out.distance, p_all)
+        return Verdict(Status.OK, top, top != benign, out.confidence, scores, "", out.distance, p_all)
     if p_all >= th.all_probability:
-        return Verdict(REFER, None, True, out.confidence, scores,
+        return Verdict(Status.REFER, None, True, out.confidence, scores,
                        f"ALL likely (p={p_all:.2f}) but subtype uncertain (best {top} {out.confidence:.2f}); "
                        "send to a haematologist", out.distance, p_all)
-    return Verdict(REFER, None, False, out.confidence, scores,
+    return Verdict(Status.REFER, None, False, out.confidence, scores,
                    f"low confidence (best {top} {out.confidence:.2f} < {need:.2f}); "
                    "send to a haematologist", out.distance, p_all)
 
@@ -89,20 +97,51 @@ class Timed:
 
 
 @dataclass(frozen=True)
+class Gated:
+    """A field after the half of the pipeline that needs no interpreter: prepared once and judged."""
+
+    quality: Quality
+    prepared: Prepared | None  # None when the gate asks for a retake
+    timings: dict[str, float]  # ms of "preprocess" and "quality"
+
+
+@dataclass(frozen=True)
 class Screened:
     """One field through the whole device path: quality gate, then (if it passed) the classifier."""
 
     quality: Quality
     timed: Timed | None  # None when the gate asked for a retake
-    quality_ms: float
+    timings: dict[str, float]  # ms of "preprocess" and "quality" (the gate); "invoke" and "head" when classified
+
+    @property
+    def verdict(self) -> Verdict:
+        return self.timed.verdict if self.timed is not None else retake(self.quality)
+
+
+def gate_field(clf: Classifier, frame: object, th: QualityThresholds, *, scale: float = 1.0) -> Gated:
+    """The first half of :func:`screen_field`: prepare once and judge (pure; any thread).
+
+    ``scale``: the frame's width over the width the camera was calibrated on (the camera's model-size stream
+    is smaller than the main stream the red-cell diameter was measured on).
+    """
+    side = clf.side_px * scale if clf.side_px is not None else None
+    timings: dict[str, float] = {}
+    prep, q = gate(frame, clf.model.input_spec.size, th, side_px=side, timings=timings)
+    return Gated(q, prep if q.ok else None, timings)
+
+
+def infer_field(clf: Classifier, gated: Gated) -> Screened:
+    """The second half of :func:`screen_field`: invoke, head, decision (only on the interpreter's thread)."""
+    if gated.prepared is None:
+        return Screened(gated.quality, None, dict(gated.timings))
+    timed = clf.infer(gated.prepared)
+    return Screened(gated.quality, timed, {**gated.timings, "invoke": round(timed.invoke_ms, 3),
+                                            "head": round(timed.head_ms, 3)})
 
 
 def screen_field(clf: Classifier, frame: object, th: QualityThresholds) -> Screened:
     """The field pipeline used by the loop, ``classify`` and ``selftest``: prepare once, gate, classify."""
-    t0 = time.perf_counter()
-    prep, q = gate(frame, clf.model.input_spec.size, th, side_px=clf.side_px)
-    t1 = time.perf_counter()
-    return Screened(q, clf.classify(prep) if q.ok and prep is not None else None, (t1 - t0) * 1000)
+    return infer_field(clf, gate_field(clf, frame, th))
 
 
 class Classifier:

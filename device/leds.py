@@ -31,7 +31,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 OFF, ON, BLINK, FAST, ALT = "off", "on", "blink", "fast", "alt"
-LIGHTS = (OFF, ON, BLINK, FAST, ALT)
 
 #: Field verdicts as the lights know them.
 V_BENIGN, V_ALL, V_RETAKE, V_REFER = "benign", "all", "retake", "refer"

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,11 +39,11 @@ def report_url(slide_id: str) -> str:
     return f"/api/slides/{slide_id}/report"
 
 
-def result_json(r: FieldResult | Mapping[str, Any] | None) -> dict[str, Any] | None:
+def result_json(r: FieldResult | None) -> dict[str, Any] | None:
     """A result as the API shows it: its time in ISO, and its image path (inside the state dir) as URLs."""
     if r is None:
         return None
-    d = r.to_dict() if isinstance(r, FieldResult) else dict(r)
+    d = r.to_dict()
     d["time_iso"] = iso(d["time"])
     rel = d.pop("image", None)
     rid = d.get("id")
@@ -69,8 +69,9 @@ def verdict_json(v: SlideVerdict | None) -> dict[str, Any] | None:
 def status_json(service: ServiceAPI) -> dict[str, Any]:
     """The service's status as the page's JSON. The one reader of ``service.status()``: every route that needs
     a figure of it (health, the open slide, the alarm) takes it from here."""
-    st = dict(service.status())
-    st["last"] = result_json(st.get("last"))
+    status = service.status()
+    st = status.to_json()
+    st["last"] = result_json(status.last)
     slide = st.get("slide")
     if slide and slide.get("id"):
         slide = dict(slide)

@@ -6,11 +6,11 @@ thread-safe: request threads call them while the loop runs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from device.bundle import Bundle
 from device.config import Config
+from device.loop.status import ServiceStatus
 from device.slides import SlideVerdict
 from device.store import ResultStore
 from device.store.records import FieldResult
@@ -23,7 +23,7 @@ class ServiceAPI(Protocol):
     token: str  # what POST requests must carry
     config: Config  # the page reads its own section, [web] (max_upload_mb, allowed_hosts), when it is made
 
-    def status(self) -> Mapping[str, Any]:
+    def status(self) -> ServiceStatus:
         """A snapshot (ready, faults, model, timings, slide, last result, alarm, seq, ...); the page turns it into
         JSON in one place, ``device.web.presenters.status_json``."""
         ...

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from device.cli import main, sample_label
+from device.cli import main
+from device.commands.selftest import sample_label
 from tests.conftest import TEST_KEYS
 from tests.device.proc import DeviceProc
 

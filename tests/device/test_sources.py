@@ -14,18 +14,16 @@ from PIL import Image
 
 from device.config import is_raspberry_pi
 from device.errors import CameraError
+from device.pi_camera import Picamera2Source, lores_size, yuv420_to_rgb
 from device.quality import assess
 from device.sources import (
     FileSource,
     Frame,
     FrameSource,
-    Picamera2Source,
     ReplaySource,
     SourceExhausted,
     SyntheticSource,
-    lores_size,
     synthetic_field,
-    yuv420_to_rgb,
 )
 
 

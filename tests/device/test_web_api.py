@@ -23,12 +23,12 @@ import pytest
 from PIL import Image
 
 from device import config as config_mod
+from device.app import build
 from device.bundle import Bundle
 from device.classifier import Classifier
 from device.errors import StoreError
 from device.service import Service
 from device.sources import ReplaySource
-from device.store import ResultStore
 from device.web import create_app, serve
 from device.web.presenters import THUMB_SIZE, thumbnail
 from device.web.protocol import ServiceAPI
@@ -40,8 +40,7 @@ UPLOAD_LIMIT = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, decisive_bundle: Bundle, decisive_classifier: Classifier, sample_paths,
-            sample_verdicts):
+def service(tmp_path_factory, decisive_classifier: Classifier, sample_paths, sample_verdicts):
     """A running loop that has replayed every sample once (then waits for uploads).
 
     ``sample_verdicts`` is computed first: the loop's thread owns the (not thread-safe) interpreter after.
@@ -54,19 +53,16 @@ def service(tmp_path_factory, decisive_bundle: Bundle, decisive_classifier: Clas
         "trigger": {"mode": "continuous", "interval_ms": 0},
         "gpio": {"mock": "yes"},
         "store": {"state_dir": str(state), "reserve_mb": 0},
-        "web": {"port": 0, "max_upload_mb": 1},
+        "web": {"port": 0, "max_upload_mb": 1, "token": TOKEN},
     }, "<test>")
-    store = ResultStore(state)
-    svc = Service(cfg, bundle=decisive_bundle, classifier=decisive_classifier, store=store,
-                  source_factory=lambda: ReplaySource(SAMPLES, loop=False), source_kind="replay", token=TOKEN,
-                  state_dir=state)
-    svc.start()
+    app = build(cfg, classifier=decisive_classifier, source=(lambda: ReplaySource(SAMPLES, loop=False), "replay"),
+                web=None)
+    svc = app.service
     try:
-        assert wait_until(lambda: svc.status()["counts"]["fields"] >= len(sample_paths), timeout=120), svc.status()
+        assert wait_until(lambda: svc.status().counts["fields"] >= len(sample_paths), timeout=120), svc.status()
         yield svc
     finally:
-        svc.stop()
-        store.close()
+        app.close()
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +95,7 @@ def assert_json_error(resp, code: int, *needles: str) -> dict:
 
 def assert_still_running(service: Service) -> None:
     st = service.status()
-    assert st["ready"] and service.running, st
+    assert st.ready and service.running, st
 
 
 # -- page and assets ---------------------------------------------------------------------------------------------
@@ -372,27 +368,27 @@ def test_post_without_token_is_401(client, path: str) -> None:
     {"X-Token": TOKEN[:-1]}, {"X-Token": "é" * 8},
 ])
 def test_post_with_wrong_token_is_403(client, service: Service, path: str, headers: dict) -> None:
-    seq = service.status()["slide"]
+    seq = service.status().slide
     assert_json_error(client.post(path, headers=headers), 403, "wrong")
-    assert service.status()["slide"] == seq  # nothing happened
+    assert service.status().slide == seq  # nothing happened
 
 
 def test_slide_commands_and_acknowledge(client, service: Service) -> None:
     r = client.post("/api/slides/start", headers=auth())
     assert r.status_code == 201
     sid = r.get_json()["slide_id"]
-    assert service.status()["slide"]["id"] == sid
+    assert service.status().slide.id == sid
     assert client.get(f"/api/slides/{sid}").status_code == 200
     r = client.post("/api/slides/end", headers={"X-Token": TOKEN})
     assert r.status_code == 200 and r.get_json()["slide_id"] == sid
-    assert service.status()["slide"] is None
+    assert service.status().slide is None
     ended = client.get(f"/api/slides/{sid}").get_json()
     assert ended["ended"] is not None
     r = client.post("/api/slides/end", headers=auth())  # nothing open: not an error
     assert r.status_code == 200 and r.get_json()["slide_id"] is None
     r = client.post("/api/alert/acknowledge", headers=auth())
     assert r.status_code == 200 and r.get_json() == {"acknowledged": True, "alarm": False}
-    assert service.status()["alarm"] is False
+    assert service.status().alarm is False
 
 
 # -- uploads ------------------------------------------------------------------------------------------------------
@@ -488,7 +484,7 @@ def test_loop_still_classifies_after_the_bad_requests(client, service: Service, 
                     content_type="multipart/form-data")
     assert r.status_code == 201
     assert_still_running(service)
-    assert service.status()["faults"] == []
+    assert service.status().faults == ()
 
 
 # -- live events -----------------------------------------------------------------------------------------------------

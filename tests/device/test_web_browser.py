@@ -19,11 +19,9 @@ from pathlib import Path
 import pytest
 
 from device import config as config_mod
-from device.bundle import Bundle
+from device.app import build
 from device.classifier import Classifier
-from device.service import Service
 from device.sources import ReplaySource
-from device.store import ResultStore
 from device.web import serve
 from device.web.server import WebServer
 from tests.device.conftest import ROOT, SAMPLES, wait_until
@@ -60,7 +58,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory, decisive_bundle: Bundle, decisive_classifier: Classifier) -> Iterator[tuple]:
+def running(tmp_path_factory, decisive_classifier: Classifier) -> Iterator[tuple]:
     """The real loop replaying the samples (a new field about every 0.4 s) and the page on a free port."""
     state = tmp_path_factory.mktemp("browser-state")
     cfg = config_mod.parse({
@@ -69,12 +67,11 @@ def running(tmp_path_factory, decisive_bundle: Bundle, decisive_classifier: Clas
         "trigger": {"mode": "continuous", "interval_ms": 100},
         "gpio": {"mock": "yes"},
         "store": {"state_dir": str(state), "reserve_mb": 0},
+        "web": {"token": TOKEN},
     }, "<browser-test>")
-    store = ResultStore(state)
-    svc = Service(cfg, bundle=decisive_bundle, classifier=decisive_classifier, store=store,
-                  source_factory=lambda: ReplaySource(SAMPLES, loop=True, hold_s=0.4), source_kind="replay",
-                  token=TOKEN, state_dir=state)
-    svc.start()
+    app = build(cfg, classifier=decisive_classifier,
+                source=(lambda: ReplaySource(SAMPLES, loop=True, hold_s=0.4), "replay"), web=None)
+    svc = app.service
     server: WebServer | None = None
     try:
         server = serve(svc, "127.0.0.1", 0)
@@ -82,8 +79,7 @@ def running(tmp_path_factory, decisive_bundle: Bundle, decisive_classifier: Clas
     finally:
         if server is not None:
             server.close()
-        svc.stop()
-        store.close()
+        app.close()
 
 
 
@@ -138,7 +134,7 @@ def test_status_page_shows_verdict_and_tally_and_updates_live(browser, running) 
         page.wait_for_function(js_when("#field-image", f"e.getAttribute('data-id') !== '{field0}'"),
                                timeout=WAIT_MS)
         assert page.evaluate("window.__notReloaded === true")
-        assert page.inner_text("#slide-id").strip() == service.status()["slide"]["id"]
+        assert page.inner_text("#slide-id").strip() == service.status().slide.id
         for c in classes:
             assert page.locator(f"#tally-body tr[data-key='{c}']").count() == 1
 
@@ -160,7 +156,7 @@ def test_status_page_shows_verdict_and_tally_and_updates_live(browser, running) 
         page.wait_for_function(js_when("#slide-id", f"e.textContent.trim() !== '{old_slide}'"),
                                timeout=WAIT_MS)
         new_slide = page.inner_text("#slide-id").strip()
-        assert wait_until(lambda: (service.status()["slide"] or {}).get("id") == new_slide, timeout=30)
+        assert wait_until(lambda: (s := service.status().slide) is not None and s.id == new_slide, timeout=30)
         page.wait_for_function(js_when("#tally-total", "Number(e.textContent) >= 4"), timeout=WAIT_MS)
         if page.is_visible("#alert"):  # ALL was seen: acknowledge it from the page (it returns with the next ALL)
             with page.expect_response(lambda r: r.url.endswith("/api/alert/acknowledge")) as acked:

@@ -365,49 +365,46 @@ def wait(pred: Callable[[], bool], timeout: float = 60.0, step: float = 0.01) ->
 
 
 def make_config(state: Path, **sections: dict):
-    """A parsed Config like :func:`config_text` (fast timings for the camera's back-off)."""
+    """A parsed Config like :func:`config_text` (fast timings for the camera's back-off, the page's token)."""
     import tomllib
 
     from device import config as config_mod
 
-    base = {"camera": {"retry_min_s": 0.05, "retry_max_s": 0.4, "lock_after_s": 0.0, "read_timeout_s": 2.0}}
+    base = {"camera": {"retry_min_s": 0.05, "retry_max_s": 0.4, "lock_after_s": 0.0, "read_timeout_s": 2.0},
+            "web": {"token": "tok-reliability"}}
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     return config_mod.parse(tomllib.loads(config_text(state, **base)), "<reliability>")
 
 
 class Harness:
-    """A started :class:`device.service.Service` on real parts, with MockFactory LEDs (rendered on demand),
-    an optional notify socket with a fast watchdog, and a Flask test client for its page."""
+    """A :class:`device.service.Service` built by ``device.app.build`` on real parts, with MockFactory LEDs
+    (rendered on demand), an optional notify socket with a fast watchdog, and a Flask test client for its page."""
 
     GREEN, AMBER, RED = 17, 27, 22
 
-    def __init__(self, cfg, bundle, classifier, source_factory, *, store=None, notify: Path | None = None,
+    def __init__(self, cfg, classifier, source_factory, *, notify: Path | None = None,
                  watchdog_usec: str | None = None, clock: Callable[[], float] | None = None, kind: str = "replay",
                  start: bool = True):
+        from functools import partial
+
         from gpiozero.pins.mock import MockFactory
 
-        from device.leds import LedDriver
+        from device.app import build, make_leds
         from device.notify import Notifier
-        from device.service import Service
-        from device.store import open_store
         from device.web import create_app
 
         self.cfg = cfg
         self.state = Path(cfg.store.state_dir)
-        self.store = store or open_store(self.state, cfg.store)
         self.pins = MockFactory()
-        g = cfg.gpio
-        self.leds = LedDriver(green=g.green, amber=g.amber, red=g.red, button=g.button, pin_factory=self.pins,
-                              blink_s=cfg.alerts.blink_s, long_press_s=g.long_press_s, autostart=False)
         self.notifier = Notifier(address=str(notify) if notify else "", watchdog_usec=watchdog_usec,
                                  watchdog_pid="")
         kw = {"clock": clock} if clock is not None else {}
-        self.svc = Service(cfg, bundle=bundle, classifier=classifier, store=self.store, source_factory=source_factory,
-                           source_kind=kind, leds=self.leds, notifier=self.notifier, token="tok-reliability", **kw)
+        self.app = build(cfg, classifier=classifier, source=(source_factory, kind),
+                         pin_factory=self.pins, leds=partial(make_leds, autostart=False), notifier=self.notifier,
+                         web=None, start=start, **kw)
+        self.svc, self.store, self.leds = self.app.service, self.app.store, self.app.leds
         self.client = create_app(self.svc).test_client()
-        if start:
-            self.svc.start()
 
     def lit(self, t: float) -> tuple[bool, bool, bool]:
         """(green, amber, red) as the LEDs would be at time ``t`` of their blink cycle."""
@@ -427,24 +424,19 @@ class Harness:
         return p.red == FAST and p.amber == ALT and not a[0] and a[1] != z[1]
 
     def close(self) -> None:
-        self.svc.stop()
-        self.leds.close()
-        self.store.close()
-        self.notifier.close()
+        self.app.close()
         self.pins.close()
 
 
 @pytest.fixture
 def harness(request: pytest.FixtureRequest) -> Iterator[Callable[..., Harness]]:
-    """``harness(cfg, source_factory, **kw)``: a started :class:`Harness` (decisive bundle by default)."""
+    """``harness(cfg, source_factory, **kw)``: a started :class:`Harness` (decisive classifier by default)."""
     made: list[Harness] = []
 
     def make(cfg, source_factory, **kw) -> Harness:
-        if "bundle" not in kw:
-            kw["bundle"] = request.getfixturevalue("decisive_bundle")
         if "classifier" not in kw:
             kw["classifier"] = request.getfixturevalue("decisive_classifier")
-        h = Harness(cfg, kw.pop("bundle"), kw.pop("classifier"), source_factory, **kw)
+        h = Harness(cfg, kw.pop("classifier"), source_factory, **kw)
         made.append(h)
         return h
 

@@ -207,7 +207,7 @@ def upload_service(tiny_bundle, tmp_path_factory):
 
     state = tmp_path_factory.mktemp("upload") / "state"
     clf = Classifier.open(tiny_bundle, num_threads=1, use_edgetpu=False)
-    h = Harness(make_config(state, trigger={"mode": "button"}), tiny_bundle, clf, None)
+    h = Harness(make_config(state, trigger={"mode": "button"}), clf, None)
     yield h
     h.close()
 

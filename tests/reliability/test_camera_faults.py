@@ -111,14 +111,14 @@ def test_a_camera_failing_mid_run_is_a_fault_then_recovers_by_itself(mode: str, 
                       alerts={"blink_s": 0.2})
     h = harness(cfg, cam.open, notify=notify_socket.path, watchdog_usec="100000", clock=clock)
     svc = h.svc
-    thread = svc._thread
+    thread = svc.thread
     assert wait(lambda: h.store.count() >= 3), svc.status()
     assert notify_socket.wait_for("WATCHDOG=1", 10)
 
     # -- the fault ------------------------------------------------------------------------------------------
     cam.mode = mode
     opens_before = len(cam.opens)
-    assert wait(lambda: svc.status()["counts"]["camera_errors"] >= 5, 30), svc.status()
+    assert wait(lambda: svc.status().counts["camera_errors"] >= 5, 30), svc.status()
     svc.acknowledge()  # an ALL verdict's alarm outranks the fault pattern; the fault is what is watched here
     t_fault = time.monotonic()
     fields_at_fault = h.store.count()
@@ -141,7 +141,7 @@ def test_a_camera_failing_mid_run_is_a_fault_then_recovers_by_itself(mode: str, 
     # -- frames come back -------------------------------------------------------------------------------------
     cam.mode = "ok"
     cam.release.set()
-    recovered = wait(lambda: svc.status()["faults"] == [] and h.store.count() >= fields_at_fault + 3, 30)
+    recovered = wait(lambda: svc.status().faults == () and h.store.count() >= fields_at_fault + 3, 30)
     pings_after = notify_socket.lines().count("WATCHDOG=1") - pings_at_fault - pings_in_fault
     after = svc.status()
 
@@ -154,7 +154,7 @@ def test_a_camera_failing_mid_run_is_a_fault_then_recovers_by_itself(mode: str, 
         "no watchdog ping while failing": pings_in_fault == 0,
         "back-off doubles": backoff_ok,
         "sleeps, no spin": clock_rate < 1000,
-        "recovered, same loop": recovered and svc._thread is thread and thread.is_alive() and after["ready"],
+        "recovered, same loop": recovered and svc.thread is thread and thread.is_alive() and after.ready,
         "pings again": notify_socket.wait_for("WATCHDOG=1", 5) and wait(
             lambda: notify_socket.lines().count("WATCHDOG=1") - pings_at_fault - pings_in_fault > 0, 10),
         "LEDs back to a verdict": not h.shows_fault_pattern(),
@@ -163,7 +163,7 @@ def test_a_camera_failing_mid_run_is_a_fault_then_recovers_by_itself(mode: str, 
     table(AREA, mode, "fault (page, LEDs), back-off, no watchdog, recovers without restart",
           f"fault: {fault_msg[:90]}; " + ("all checks hold" if not bad else f"FAILED: {bad}"), not bad,
           f"retry gaps {gaps} s; {pings_in_fault} pings in {quiet_s:.1f} s of fault; loop woke {clock_rate:.0f}/s; "
-          f"{after['counts']['camera_errors']} camera errors; pings after recovery {max(pings_after, 0)}")
+          f"{after.counts['camera_errors']} camera errors; pings after recovery {max(pings_after, 0)}")
     assert not bad, (bad, gaps, clock_rate, body, after)
 
 
@@ -223,7 +223,7 @@ def test_frames_that_are_merely_dark_are_a_retake_not_a_camera_fault(harness, sa
     assert wait(lambda: h.store.count() >= 2)
     r = h.store.query(limit=1)[0]
     st = h.svc.status()
-    ok = r.status == "retake" and r.quality.code == "dark" and st["faults"] == [] and st["counts"]["camera_errors"] == 0
+    ok = r.status == "retake" and r.quality.code == "dark" and st.faults == () and st.counts["camera_errors"] == 0
     table(AREA, "dark but real frame (noise 0..5)", "retake 'too dark', no camera fault",
-          f"{r.status} ({r.quality.code}); faults {st['faults']}", ok)
+          f"{r.status} ({r.quality.code}); faults {st.to_json()['faults']}", ok)
     assert ok

@@ -44,18 +44,18 @@ def test_disk_full_images_stop_first_then_records_then_it_recovers(small_disk, h
     images_stopped = wait(lambda: h.store.last_image_error != "" and h.store.count() > t_low + 3, 60)
     # 2. the database cannot grow either: records fail, a storage fault, classification goes on
     disk.fill(0)
-    failed = wait(lambda: svc.status()["counts"]["store_errors"] >= 3, 120)
+    failed = wait(lambda: svc.status().counts["store_errors"] >= 3, 120)
     st = h.client.get("/api/status").get_json()
     fault = next((f for f in st["faults"] if f["kind"] == "storage"), None)
     shown_before = st["counts"]["fields"]
-    still_classifying = wait(lambda: svc.status()["counts"]["fields"] >= shown_before + 3, 30)
-    last = svc.status()["last"]
+    still_classifying = wait(lambda: svc.status().counts["fields"] >= shown_before + 3, 30)
+    last = svc.status().last
     leds_fault = h.shows_fault_pattern()
     thread_alive = svc.running
     # 3. space comes back: the fault clears by itself, records and then images resume
     disk.clear()
     n_before = h.store.count()
-    recovered = wait(lambda: svc.status()["faults"] == [] and h.store.count() > n_before + 3, 60)
+    recovered = wait(lambda: svc.status().faults == () and h.store.count() > n_before + 3, 60)
     images_back = wait(lambda: _rows(h.store.path)[-1][1] is not None, 60)
     svc.stop()
     rows = _rows(h.store.path)
@@ -70,7 +70,7 @@ def test_disk_full_images_stop_first_then_records_then_it_recovers(small_disk, h
         "images stop below the reserve": images_stopped and first_imageless is not None,
         "records outlive images": imageless >= 3,
         "storage fault, disk full named": failed and fault is not None and "disk is full" in fault["message"],
-        "keeps classifying and showing": still_classifying and last is not None and last["id"] is None,
+        "keeps classifying and showing": still_classifying and last is not None and last.id is None,
         "fault LEDs, loop alive": leds_fault and thread_alive,
         "recovers by itself": recovered and images_back,
         "database intact": integrity == "ok" and not strays and not missing,
@@ -81,7 +81,7 @@ def test_disk_full_images_stop_first_then_records_then_it_recovers(small_disk, h
           f"fault: {(fault or {}).get('message', '-').replace(str(state) + '/', '')[:110]}; "
           + ("all checks hold" if not bad else f"FAILED {bad}"),
           not bad, f"{imageless} records kept without an image before records failed; "
-          f"{svc.status()['counts']['store_errors']} failed commits; {len(rows)} records; integrity {integrity}")
+          f"{svc.status().counts['store_errors']} failed commits; {len(rows)} records; integrity {integrity}")
     assert not bad, (bad, st, imageless)
 
 
@@ -114,13 +114,13 @@ def test_database_locked_by_another_process_is_a_clear_fault(harness, short_tmp,
     finally:
         holder.wait(30)
     n = h.store.count()
-    recovered = wait(lambda: svc.status()["faults"] == [] and h.store.count() > n, 30)
+    recovered = wait(lambda: svc.status().faults == () and h.store.count() > n, 30)
     ok = (faulted and st.status_code == 200 and "another process holds the database" in fault.get("message", "")
           and leds and recovered and svc.running)
     table(AREA, "database locked by another process (12 s)", "storage fault naming the cause; no crash; recovers",
           f"fault after {fault_s:.1f} s: {fault.get('message', '-').replace(str(h.state) + '/', '')[:110]}; "
           f"recovered {recovered}", ok,
-          f"busy timeout 5 s; {svc.status()['counts']['store_errors']} failed commits")
+          f"busy timeout 5 s; {svc.status().counts['store_errors']} failed commits")
     assert ok
 
 
@@ -131,16 +131,16 @@ def test_database_turning_read_only_mid_run_is_a_clear_fault(harness, short_tmp,
     assert wait(lambda: h.store.count() >= 3)
     with h.store._lock:  # what a remounted-read-only card looks like to SQLite's open connection
         h.store._db.execute("PRAGMA query_only = 1")
-    faulted = wait(lambda: svc.status()["counts"]["store_errors"] >= 2)
-    st = svc.status()
+    faulted = wait(lambda: svc.status().counts["store_errors"] >= 2)
+    st = svc.status().to_json()
     fault = next((f for f in st["faults"] if f["kind"] == "storage"), {})
     shown = st["counts"]["fields"]
-    classifying = wait(lambda: svc.status()["counts"]["fields"] > shown + 2)
+    classifying = wait(lambda: svc.status().counts["fields"] > shown + 2)
     leds = h.shows_fault_pattern()
     with h.store._lock:
         h.store._db.execute("PRAGMA query_only = 0")
     n = h.store.count()
-    recovered = wait(lambda: svc.status()["faults"] == [] and h.store.count() > n)
+    recovered = wait(lambda: svc.status().faults == () and h.store.count() > n)
     ok = faulted and "read-only" in fault.get("message", "") and classifying and leds and recovered
     table(AREA, "database read-only mid-run", "storage fault naming the cause; keeps classifying; recovers",
           f"fault: {fault.get('message', '-').replace(str(h.state) + '/', '')[:110]}; recovered {recovered}", ok)

@@ -68,12 +68,12 @@ POSTS = ["/api/classify", "/api/slides/start", "/api/slides/end", "/api/alert/ac
 @pytest.mark.parametrize("path", POSTS)
 def test_posts_need_the_token(served, path: str, table) -> None:
     h, srv = served
-    slide = (h.svc.status()["slide"] or {}).get("id")
+    slide = (h.svc.status().to_json()["slide"] or {}).get("id")
     missing = request(srv.port, "POST", path)[0]
     scheme = request(srv.port, "POST", path, {"Authorization": "Basic dXNlcjpwYXNz"})[0]
     wrong = request(srv.port, "POST", path, {"X-Token": "nope"})[0]
     near = request(srv.port, "POST", path, {"Authorization": f"Bearer {TOKEN}x"})[0]
-    unchanged = (h.svc.status()["slide"] or {}).get("id") == slide
+    unchanged = (h.svc.status().to_json()["slide"] or {}).get("id") == slide
     ok = (missing, scheme, wrong, near) == (401, 401, 403, 403) and unchanged
     table(AREA, f"POST {path} without / with a wrong token", "401 / 403, nothing done",
           f"none {missing}, Basic {scheme}, wrong {wrong}, token+x {near}; state unchanged {unchanged}", ok)
@@ -151,7 +151,7 @@ def test_200_concurrent_status_requests_are_all_answered_while_the_loop_keeps_re
                                capture_output=True, text=True, timeout=BURST_TIMEOUT_S)
             bursts.append(json.loads(r.stdout) if r.returncode == 0 and r.stdout else {"error": r.stderr[-500:]})
             during.append(_last_id(h) - a)
-        st = h.svc.status()
+        st = h.svc.status().to_json()
     finally:
         srv.close()
         h.svc.stop()
