@@ -34,16 +34,11 @@ from device.status import Status
 log = logging.getLogger(__name__)
 
 
-#: The report's simulated slides are called benign from this many classified fields on; the device's own
-#: default (``[alerts] benign_fields``) is ``SlideRules().benign_fields``, which is lower.
-REPORT_BENIGN_FIELDS = 30
-
-
 def slide_rules(val: dict) -> SlideRules:
     """Per-field rates for the slide rule, measured on the validation split (point estimates, floored)."""
     f = val["benign_called_all"] / max(val["benign_fields"], 1)
     s = val["sensitivity_alert"]["rate"]
-    return SlideRules(benign_fields=REPORT_BENIGN_FIELDS, field_false_alert=max(f, 0.005),
+    return SlideRules(field_false_alert=max(f, 0.005),
                       field_sensitivity=min(s, 0.99))
 
 
