@@ -119,6 +119,7 @@ def write_bundle(o: Options) -> Path:
                  "ood_method": head.ood_method, "ood_threshold": head.ood_threshold},
         "thresholds": metrics["thresholds"],
         "slide": {"field_false_alert": metrics["slide_rules"]["field_false_alert"],
+                  "field_false_alert_low": metrics["slide_rules"]["field_false_alert_low"],
                   "field_sensitivity": metrics["slide_rules"]["field_sensitivity"],
                   "duplicate_similarity": metrics["duplicates"]["threshold"]},
         "metrics": {

@@ -183,11 +183,13 @@ def _ood_section(a, m: dict) -> None:
 def _slide_section(a, m: dict) -> None:
     r, d = m["slide_rules"], m["duplicates"]
     a("## Slide verdict\n")
-    a(f"Per-field rates for the slide rule, measured on validation: a benign field raises ALL evidence at "
-      f"{_pct(r['field_false_alert'])}, a blast field at {_pct(r['field_sensitivity'])}. ALL when P(X >= k | n, f) "
-      f"< {r['false_alarm_risk']} (and k >= {r['all_fields']}); benign when n >= {r['benign_fields']} and a slide "
-      f"with {_pct(r['min_blast_fraction'])} blast fields would show that few with p < {r['missed_risk']}; a slide "
-      "closed undecided is referred.")
+    a(f"Per-field rates for the slide rule, measured on validation (Wilson 95% interval ends): a benign field "
+      f"raises ALL evidence at {_pct(r['field_false_alert_low'])} to {_pct(r['field_false_alert'])}, a blast field "
+      f"at >= {_pct(r['field_sensitivity'])}. Each test takes the end that guards its own error. ALL when "
+      f"P(X >= k | n, f_hi) < {r['false_alarm_risk']} (and k >= {r['all_fields']}); benign when "
+      f"n >= {r['benign_fields']} and a slide with {_pct(r['min_blast_fraction'])} blast fields (sensitivity and "
+      f"false-alert rate at their lower ends) would show that few with p < {r['missed_risk']}; a slide closed "
+      "undecided is referred.")
     a(f"Near-duplicate fields (one area refocused or re-captured) add no evidence: fingerprints with cosine "
       f">= {d['threshold']:.3f} are the same field (the 99.5th percentile of {d['distinct_pairs']} pairs of distinct "
       f"test fields of one block); re-captures recognised: " +

@@ -23,6 +23,7 @@ from convert.evaluate import (
     shift_table,
     simulate_slides,
     table2,
+    wilson,
 )
 from convert.options import Options, load_part, paths
 from device.bundle import Thresholds
@@ -35,11 +36,14 @@ log = logging.getLogger(__name__)
 
 
 def slide_rules(val: dict) -> SlideRules:
-    """Per-field rates for the slide rule, measured on the validation split (point estimates, floored)."""
-    f = val["benign_called_all"] / max(val["benign_fields"], 1)
-    s = val["sensitivity_alert"]["rate"]
-    return SlideRules(field_false_alert=max(f, 0.005),
-                      field_sensitivity=min(s, 0.99))
+    """Per-field rates for the slide rule, measured on the validation split, as the ends of their Wilson 95%
+    intervals that guard each test's error (see ``device.slides``): the false-alert rate's upper end for the
+    ALL test, its lower end and the sensitivity's lower end for the benign test."""
+    if not val["benign_fields"] or not val["all_fields"]:  # a toy split: the rule's own defaults
+        return SlideRules()
+    f_lo, f_hi = wilson(val["benign_called_all"], val["benign_fields"])
+    return SlideRules(field_false_alert=f_hi, field_false_alert_low=f_lo,
+                      field_sensitivity=val["sensitivity_alert"]["lo"])
 
 
 def evaluate_all(o: Options) -> dict:

@@ -37,9 +37,10 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class SlideModel:
-    field_false_alert: float  # P(ALL evidence | benign field), measured on held-out images
-    field_sensitivity: float  # P(ALL evidence | blast field)
+    field_false_alert: float  # P(ALL evidence | benign field), measured on held-out images (upper bound)
+    field_sensitivity: float  # P(ALL evidence | blast field) (lower bound)
     duplicate_similarity: float  # fingerprints at least this similar are the same field
+    field_false_alert_low: float | None = None  # lower bound; absent from bundles made before it was measured
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +113,10 @@ def _get(doc: dict, dotted: str, where: Path):
             raise BundleError(f"{where}: field '{dotted}' is missing; rebuild the bundle with `make convert`")
         cur = cur[part]
     return cur
+
+
+def _optional_float(value: object) -> float | None:
+    return None if value is None else float(value)
 
 
 def _verified(root: Path, entry: dict, key: str, where: Path) -> Path:
@@ -199,7 +204,8 @@ def load_bundle(root: str | Path) -> Bundle:
                   rbc_diameter_px=float(_get(doc, "input.rbc_diameter_px", where)),
                   slide=SlideModel(float(_get(doc, "slide.field_false_alert", where)),
                                    float(_get(doc, "slide.field_sensitivity", where)),
-                                   float(_get(doc, "slide.duplicate_similarity", where))), manifest=doc,
+                                   float(_get(doc, "slide.duplicate_similarity", where)),
+                                   _optional_float(doc.get("slide", {}).get("field_false_alert_low"))), manifest=doc,
                   edgetpu_friendly_path=friendly,
                   references=_references(root, doc, len(classes), where))
 

@@ -78,7 +78,8 @@ class Service:
         self.clock = clock
         a, m = config.alerts, bundle.slide
         rules = SlideRules(a.all_fields, a.benign_fields, a.subtype_agreement, a.refer_fraction,
-                           field_false_alert=m.field_false_alert, field_sensitivity=m.field_sensitivity)
+                           field_false_alert=m.field_false_alert, field_sensitivity=m.field_sensitivity,
+                           field_false_alert_low=m.field_false_alert_low)
         self._started_at, self._started_mono = time.time(), clock()
         self._stop = threading.Event()
         self.board = Board()

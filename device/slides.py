@@ -5,11 +5,16 @@ distinct fields that show ALL evidence (a confident ALL label, or "ALL likely" w
 using the per-field error rates the toolchain measured on held-out images (``manifest.json``
 ``slide``):
 
-* **ALL** when that number is more than a benign slide produces: P(X >= k | n, f) < ``false_alarm_risk``,
-  f = the rate at which benign fields raise ALL evidence (the validation split's point estimate, floored at
-  0.5%), and k >= ``all_fields``.
+* **ALL** when that number is more than a benign slide produces: P(X >= k | n, f_hi) < ``false_alarm_risk``,
+  f_hi = the rate at which benign fields raise ALL evidence, at the upper end of its 95% interval, and
+  k >= ``all_fields``.
 * **benign** when it is fewer than a slide with ``min_blast_fraction`` of blast fields would produce:
-  P(X <= k | n, q) < ``missed_risk``, q = b * sensitivity + (1 - b) * f, and n >= ``benign_fields``.
+  P(X <= k | n, q) < ``missed_risk``, q = b * s_lo + (1 - b) * f_lo with the blast-field sensitivity and the
+  false-alert rate at the lower ends of their intervals, and n >= ``benign_fields``.
+
+Each test takes the end of the interval that guards its own error: the rates are measured on about a
+hundred held-out fields of a few patients, and a point estimate used as if exact lets a new patient's
+slightly higher false-alert rate call ALL on a benign slide (REPORT.md, "Slide verdict").
 * **refer** when too many fields were uncertain, or when the slide is closed before either test decides.
 * **pending** otherwise: scan more fields.
 
@@ -49,8 +54,11 @@ class SlideRules:
     benign_fields: int = 10  # benign is never called on fewer distinct classified fields
     subtype_agreement: float = 0.6
     refer_fraction: float = 0.5
-    field_false_alert: float = 0.02  # P(ALL evidence | benign field); the bundle's measured rate replaces it
-    field_sensitivity: float = 0.9  # P(ALL evidence | blast field); likewise
+    field_false_alert: float = 0.02  # P(ALL evidence | benign field), upper bound; the bundle's replaces it
+    field_sensitivity: float = 0.9  # P(ALL evidence | blast field), lower bound; likewise
+    #: P(ALL evidence | benign field), lower bound, for the benign test; None: ``field_false_alert`` (bundles
+    #: made before the two ends were measured carry one rate).
+    field_false_alert_low: float | None = None
     min_blast_fraction: float = 0.05  # a slide with this share of blast fields must not be called benign
     false_alarm_risk: float = 0.001
     missed_risk: float = 0.005
@@ -181,7 +189,8 @@ def aggregate_tally(t: Mapping[FieldKey, int], benign: str, rules: SlideRules = 
         return SlideVerdict(REFER, None, f"{statuses['refer']} of {classified} fields were uncertain; "
                             "send to a haematologist", **common)
     b = rules.min_blast_fraction
-    q = b * rules.field_sensitivity + (1 - b) * f
+    f_low = f if rules.field_false_alert_low is None else rules.field_false_alert_low
+    q = b * rules.field_sensitivity + (1 - b) * f_low
     p_missed = binom_cdf(evidence, classified, q)
     if classified >= rules.benign_fields and p_missed < rules.missed_risk:
         return SlideVerdict(BENIGN, None, f"ALL evidence in {evidence} of {classified} fields; a slide with "

@@ -58,3 +58,16 @@ def test_a_corrupt_or_missing_friendly_graph_is_refused_naming_the_entry(tiny_bu
     (bad / "darknet19_int8_edgetpu_friendly.tflite").unlink()
     with pytest.raises(BundleMissingError, match=r"files\.model_edgetpu_friendly"):
         load_bundle(bad)
+
+
+@pytest.mark.parametrize("low", [None, 0.004])
+def test_the_slide_rates_lower_false_alert_end_is_optional(tiny_bundle_dir: Path, tmp_path: Path, low) -> None:
+    """Bundles made before the interval's lower end was measured carry one rate; newer ones carry both."""
+    dst = tmp_path / "b"
+    shutil.copytree(tiny_bundle_dir, dst)
+    doc = json.loads((dst / MANIFEST).read_text())
+    doc["slide"].pop("field_false_alert_low", None)
+    if low is not None:
+        doc["slide"]["field_false_alert_low"] = low
+    (dst / MANIFEST).write_text(json.dumps(doc, indent=1))
+    assert load_bundle(dst).slide.field_false_alert_low == low

@@ -139,3 +139,18 @@ def test_to_dict_is_json_ready() -> None:
 
     d = verdict(ok("Pro-B"), ok("Pro-B")).to_dict()
     assert json.loads(json.dumps(d))["verdict"] == "ALL"
+
+
+def test_each_test_takes_the_end_of_the_interval_that_guards_its_error():
+    """ALL uses the false-alert rate's upper end; benign uses its lower end, so an uncertain rate makes the box
+    refer rather than call either verdict too easily."""
+    one = SlideRules(benign_fields=20, field_false_alert=0.10, field_sensitivity=0.95, min_blast_fraction=0.05)
+    two = SlideRules(benign_fields=20, field_false_alert=0.10, field_false_alert_low=0.01, field_sensitivity=0.95,
+                     min_blast_fraction=0.05)
+    # 100 fields, 4 with ALL evidence: fewer than a 5%-blast slide shows at f = 10%, not at f = 1%.
+    fields = [ok("Pre-B")] * 4 + [BEN] * 96
+    assert aggregate(fields, "Benign", one, CLASSES, closed=True).verdict == BENIGN
+    assert aggregate(fields, "Benign", two, CLASSES, closed=True).verdict == REFER
+    # The ALL test is the same under both: 25 of 100 is more than a benign slide shows at f = 10%.
+    many = [ok("Pre-B")] * 25 + [BEN] * 75
+    assert aggregate(many, "Benign", one, CLASSES).verdict == aggregate(many, "Benign", two, CLASSES).verdict == ALL
