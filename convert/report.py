@@ -44,8 +44,8 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
     a = L.append
     a("# The shipped model: how it was made and how good it is\n")
     a(f"Bundle `{manifest['name']}`, built {manifest['created']} from commit `{manifest['source_commit']}` by "
-      "`python -m convert all` (`make convert`). Every number below comes from that run and `metrics.json` holds "
-      "them all. Rates carry Wilson 95% intervals and counts.\n")
+      "the steps of `python -m convert` (`make convert`) timed at the end of this report. Every number below comes "
+      "from that build and `metrics.json` holds them all. Rates carry Wilson 95% intervals and counts.\n")
     a("**This is a screening aid. Every result is confirmed by a haematologist.**\n")
     a("## Data and protocol\n")
     a("- Source: the ALL image dataset of Aria et al. (2021), Taleqani Hospital, Tehran (development share, "
@@ -67,6 +67,14 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
           f"{sum(h['size'] != 224 for h in hist)} epochs at {hist[0]['size']} px then "
           f"{sum(h['size'] == 224 for h in hist)} at 224 px; kept epoch {kept['epoch']} (validation accuracy "
           f"{_pct(kept['val_acc'])}).")
+    elif "training" in m:  # weights reused (models/source): the work folder has their configuration, not their epochs
+        c = m["training"]["config"]
+        a(f"1. **DarkNet19** (19 conv, 5 max-pool, BN, LeakyReLU 0.1; 1000-d global-pooled features), trained from "
+          f"scratch on the CPU: SGD momentum {c['momentum']}, L2 {c['weight_decay']}, cosine LR from {c['lr']}, "
+          f"batch {c['batch']}, {c['low_epochs']} epochs at {c['low_size']} px then {c['high_epochs']} at "
+          f"{c['size']} px. This build reused the committed weights (`models/source/`), so its work folder holds "
+          "their configuration but not their per-epoch history; the training curves below are those of the run "
+          "that trained them.")
     a("2. **Augmentation** covering the shift families below: flips, rotations, magnification x0.8-1.25, shear, "
       "stain in optical-density space, RGB gains, hue +-20 deg, saturation, gamma, defocus, sensor noise, JPEG 30-90 "
       "and the eyepiece's dark surround; then every image goes through `device.preprocess.prepare`, the same code "
@@ -136,6 +144,9 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
     a("## Files, step times, tools\n")
     for key, f in manifest["files"].items():
         a(f"- `{f['path']}` ({key}): {f['bytes'] / 1e6:.2f} MB, sha256 `{f['sha256'][:16]}...`")
+    a("\nThe steps the work folder ran for this build (a step absent from the table did not run there: its "
+      "output was already in the folder, e.g. graphs quantized by an earlier build of the same weights; `train` "
+      "takes about a second when it reuses the committed weights):")
     a("\n| step | seconds |\n|---|---|")
     for k, sec in seconds.items():
         a(f"| {k} | {sec:.0f} |")

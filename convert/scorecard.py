@@ -79,6 +79,7 @@ def evaluate_all(o: Options) -> dict:
                       and suite[int(k.split("|")[0])].family in ("defocus", "JPEG", "sensor noise")]
     m = {
         "test_images": int(len(y)), "val_images": int(len(yv)), "train_images": int(len(z["y_train"])),
+        "training": {"config": state["config"], "seconds": state.get("seconds")},
         "test": {k: v for k, v in test.items() if k not in ("status", "alert")},
         "validation": {k: v for k, v in val.items() if k not in ("pred", "status", "alert")},
         "cnn_softmax": {"accuracy": rate(int((cnn_pred == y).sum()), len(y)),

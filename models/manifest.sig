@@ -1,7 +1,7 @@
 {
  "algorithm": "Ed25519",
- "key_id": "3c1e67693ecaa33b",
- "manifest_sha256": "0dce3188479c6b5d77da313d52a35ff75d548d249b9a6dcbc09b00255176ccaa",
- "signed": "2026-11-23T16:35:04+00:00",
- "signature": "/Srmq14kfi47uibvp82r/WZIdGY/E0ay9mGjraEMHP0x6QWRjyriVoOj3XIWW2+UWZiFCBjXB2bgpLSyd217Aw=="
+ "key_id": "d57e1c4e34d13f89",
+ "manifest_sha256": "22a36fb823aad1ea83c8d0b13506ceca80e89e6526236d354768d1bd9ef022eb",
+ "signed": "2026-11-23T19:10:12+00:00",
+ "signature": "4AvwDeGnhPHPXoLk2gQOvL7hqkstdg+jVmaFIT9SFwD6rsteWeo+33vcFeAGuZG3S30nkIgpt/rCjoAkVUBhDg=="
 }
