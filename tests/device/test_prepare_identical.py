@@ -17,7 +17,7 @@ from PIL import Image
 
 from convert.shifts import eyepiece
 from device.preprocess import LUMA, InputSpec, Prepared, find_field, load_image, prepare, quantize_input
-from device.quality import QualityThresholds, gate, luma, sharpness, stained_fraction
+from device.quality import QualityThresholds, gate
 from device.sources import synthetic_field
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,6 +71,35 @@ def ref_prepare(frame: np.ndarray, size: int, *, side_px: float | None = None) -
         raw[~valid] = np.rint(bg).astype(np.uint8)
     return Prepared(ref_normalise_colour(raw, bg), raw, valid, (float(bg[0]), float(bg[1]), float(bg[2])), field,
                     side)
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    return rgb.astype(np.float32) @ LUMA
+
+
+def sharpness(g: np.ndarray, valid: np.ndarray | None = None) -> float:
+    lap = g[1:-1, :-2] + g[1:-1, 2:] + g[:-2, 1:-1] + g[2:, 1:-1] - 4.0 * g[1:-1, 1:-1]
+    if valid is not None:
+        inner = valid[1:-1, 1:-1] & valid[1:-1, :-2] & valid[1:-1, 2:] & valid[:-2, 1:-1] & valid[2:, 1:-1]
+        lap = lap[inner]
+    return float(lap.astype(np.float64).var()) if lap.size else 0.0
+
+
+def erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    h, w = mask.shape
+    padded = np.pad(mask, radius, constant_values=False)
+    out = mask.copy()
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out &= padded[dy:dy + h, dx:dx + w]
+    return out
+
+
+def stained_fraction(rgb: np.ndarray, valid: np.ndarray | None = None) -> float:
+    c = rgb.astype(np.int16)
+    r, g, b = c[..., 0], c[..., 1], c[..., 2]
+    blobs = erode(((b - g) >= 35) & ((r - g) >= -15), 2)
+    return float(blobs[valid].mean() if valid is not None and valid.any() else blobs.mean())
 
 
 def ref_figures(prep: Prepared) -> tuple[float, float, float, float]:
@@ -150,3 +179,13 @@ def test_prepare_quantize_and_quality_are_bit_identical(name: str, frame: np.nda
     judged = old if size == 224 else ref_prepare(frame, 224, side_px=side_px)
     figs = ref_figures(judged)
     assert (q.sharpness, q.brightness, q.clipped, q.stained) == figs, f"{name}: quality figures differ"
+
+
+def test_erosion_by_rows_then_columns_is_the_square_erosion() -> None:
+    from device.quality import erode as new_erode
+
+    rng = np.random.default_rng(5)
+    for shape, p in (((224, 224), 0.9), ((50, 70), 0.7), ((5, 3), 0.95), ((224, 224), 0.99)):
+        m = rng.random(shape) < p
+        for radius in (1, 2, 3):
+            assert np.array_equal(new_erode(m, radius), erode(m, radius))
