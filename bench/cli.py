@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                    "edgetpu_friendly_graph": bundle.edgetpu_friendly_path is not None,
                    "edgetpu_compiled_graph": bundle.edgetpu_path is not None,
                    "metrics": bundle.manifest.get("metrics")},
-        "threads": args.threads, "runtime": clf.model.runtime, "quick": args.quick, "sections": wanted,
+        "threads": args.threads, "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "runtime": clf.model.runtime, "quick": args.quick, "sections": wanted,
         "versions": {d: _version(d) for d in ("ai-edge-litert", "onnxruntime", "numpy", "pillow", "flask",
                                                "waitress")}},
         "notes": []}
