@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             "medians are listed as overlapped, their share = their summed time / the summed period.",
             "'inference' = invoke + dequantize (quantizing the input is in 'preprocess'). 'record' includes encoding "
             "the frame as a JPEG (store.save_images = true, the shipped default) and the SQLite commit "
-            "(synchronous=FULL).",
+            "(synchronous=FULL); a replayed file that is a plain JPEG is stored as its own bytes, not encoded again.",
             "Bare invoke = the same TFLiteModel object called directly (set input, invoke, read output), in "
             f"{P['loop_blocks'] + 1} segments interleaved with {P['loop_blocks']} loop blocks (a fresh Service each, "
             f"{P['loop_warm']} untimed fields first), so drift on a shared machine hits both figures alike.",
