@@ -190,7 +190,14 @@ def main(argv: list[str] | None = None) -> int:
                     r["period_vs_all_threads"] = round(r["period_median_ms"] / base["period_median_ms"], 4)
                     r["period_vs_bare_all_threads"] = round(r["period_median_ms"] / base["bare_invoke_median_ms"], 4)
                 out["fewer_threads"][key] = r
+        from device.inference import interpreter_threads
+
+        device_threads = interpreter_threads()  # what `[model] threads = 0` (the shipped default) gives here
+        out["device_threads"] = device_threads
         out["notes"] = [
+            f"The device's default here (`[model] threads = 0`: the cores but one, 1 to 4) is {device_threads} "
+            f"interpreter thread(s); the loop is timed at {args.threads} (--threads)"
+            + (f" and at {args.threads - 1}." if args.threads > 1 else "."),
             "Time per field = interval between consecutive frame captures. The loop is a pipeline: the frames "
             "thread captures, gates (quality) and prepares the next frame and the recorder thread commits and then "
             "shows the last result while the screening thread runs the model, so only inference, head and 'other' "
