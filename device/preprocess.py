@@ -272,20 +272,28 @@ def quantize_input(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
 
     q = round(x / scale) + zero_point, clipped to int8. Done in float64/int64 so
     no intermediate overflows, whatever scale the converter chose. With the
-    usual scale 1.0 / zero point -128 this is exactly ``x - 128``.
+    usual scale 1.0 / zero point -128 this is exactly ``x - 128``. A uint8 image
+    goes through a table of the formula's 256 values (the same numbers, cheaper).
     """
     if rgb.shape != (spec.size, spec.size, 3):
         raise ImageError(f"input has shape {rgb.shape}; expected ({spec.size}, {spec.size}, 3)")
-    return np.take(_quantize_table(spec.scale, spec.zero_point, spec.dtype), rgb)[None]
+    if rgb.dtype == np.uint8:
+        return np.take(_quantize_table(spec.scale, spec.zero_point, spec.dtype), rgb)[None]
+    return _quantize(rgb, spec.scale, spec.zero_point, spec.dtype)[None]
 
 
-@functools.lru_cache(maxsize=8)
-def _quantize_table(scale: float, zero_point: int, dtype: str) -> np.ndarray:
-    """:func:`quantize_input`'s formula for each of the 256 pixel values (applied as a lookup: the same numbers)."""
-    x = np.arange(256, dtype=np.uint8)
+def _quantize(x: np.ndarray, scale: float, zero_point: int, dtype: str) -> np.ndarray:
     if scale == 1.0:
         q = x.astype(np.int64) + int(zero_point)
     else:
         q = np.rint(x.astype(np.float64) / scale).astype(np.int64) + int(zero_point)
     lo, hi = (-128, 127) if dtype == "int8" else (0, 255)
     return np.clip(q, lo, hi).astype(np.int8 if dtype == "int8" else np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _quantize_table(scale: float, zero_point: int, dtype: str) -> np.ndarray:
+    """:func:`_quantize` of each of the 256 uint8 values, read-only (shared by every caller)."""
+    table = _quantize(np.arange(256, dtype=np.uint8), scale, zero_point, dtype)
+    table.flags.writeable = False
+    return table

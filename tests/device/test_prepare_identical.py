@@ -189,3 +189,12 @@ def test_erosion_by_rows_then_columns_is_the_square_erosion() -> None:
         m = rng.random(shape) < p
         for radius in (1, 2, 3):
             assert np.array_equal(new_erode(m, radius), erode(m, radius))
+
+
+def test_quantize_input_of_other_dtypes_keeps_the_formula() -> None:
+    rng = np.random.default_rng(7)
+    for dtype in (np.float64, np.int64, np.uint16):
+        x = rng.integers(0, 300, (64, 64, 3)).astype(dtype)
+        for spec in SPECS:
+            s = InputSpec(64, spec.scale, spec.zero_point, spec.dtype)
+            assert np.array_equal(quantize_input(x, s), ref_quantize(x, s))
