@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                    "edgetpu_friendly_graph": bundle.edgetpu_friendly_path is not None,
                    "edgetpu_compiled_graph": bundle.edgetpu_path is not None,
                    "metrics": bundle.manifest.get("metrics")},
-        "threads": args.threads, "runtime": clf.model.runtime, "quick": args.quick, "sections": wanted,
+        "threads": args.threads, "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "runtime": clf.model.runtime, "quick": args.quick, "sections": wanted,
         "versions": {d: _version(d) for d in ("ai-edge-litert", "onnxruntime", "numpy", "pillow", "flask",
                                                "waitress")}},
         "notes": []}
@@ -189,7 +190,14 @@ def main(argv: list[str] | None = None) -> int:
                     r["period_vs_all_threads"] = round(r["period_median_ms"] / base["period_median_ms"], 4)
                     r["period_vs_bare_all_threads"] = round(r["period_median_ms"] / base["bare_invoke_median_ms"], 4)
                 out["fewer_threads"][key] = r
+        from device.inference import interpreter_threads
+
+        device_threads = interpreter_threads()  # what `[model] threads = 0` (the shipped default) gives here
+        out["device_threads"] = device_threads
         out["notes"] = [
+            f"The device's default here (`[model] threads = 0`: the cores but one, 1 to 4) is {device_threads} "
+            f"interpreter thread(s); the loop is timed at {args.threads} (--threads)"
+            + (f" and at {args.threads - 1}." if args.threads > 1 else "."),
             "Time per field = interval between consecutive frame captures. The loop is a pipeline: the frames "
             "thread captures, gates (quality) and prepares the next frame and the recorder thread commits and then "
             "shows the last result while the screening thread runs the model, so only inference, head and 'other' "
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             "medians are listed as overlapped, their share = their summed time / the summed period.",
             "'inference' = invoke + dequantize (quantizing the input is in 'preprocess'). 'record' includes encoding "
             "the frame as a JPEG (store.save_images = true, the shipped default) and the SQLite commit "
-            "(synchronous=FULL).",
+            "(synchronous=FULL); a replayed file that is a plain JPEG is stored as its own bytes, not encoded again.",
             "Bare invoke = the same TFLiteModel object called directly (set input, invoke, read output), in "
             f"{P['loop_blocks'] + 1} segments interleaved with {P['loop_blocks']} loop blocks (a fresh Service each, "
             f"{P['loop_warm']} untimed fields first), so drift on a shared machine hits both figures alike.",

@@ -124,7 +124,7 @@ def render_markdown(results: dict) -> str:
         f"load average at start {_f(m.get('load_start'), 2)}, at end {_f(m.get('load_end'), 2)}",
         f"- Bundle: `{b.get('dir', '?')}` ({b.get('name', '?')}, {b.get('input_size', '?')} px input, "
         f"model sha256 {str(b.get('model_sha256', '?'))[:12]}); TFLite threads: {meta.get('threads', '?')}; "
-        f"runtime {meta.get('runtime', '?')}",
+        f"runtime {meta.get('runtime', '?')}; numpy BLAS threads: {meta.get('blas_threads') or 'OpenBLAS default'}",
     ]
     if meta.get("quick"):
         out.append("- **QUICK RUN** (`--quick`): fewer repetitions and fields; figures are indicative only")

@@ -56,7 +56,8 @@ class ModelConfig:
 
     #: The factory bundle: used until ``python -m device install-bundle`` has installed one.
     dir: Path = Path("models")
-    threads: int = field(default=4, metadata=value_range(1, 16))
+    #: TFLite CPU threads; 0 = the cores but one, 1 to 4 (``device.inference.interpreter_threads``).
+    threads: int = field(default=0, metadata=value_range(0, 16))
     use_edgetpu: bool = True
     #: Installed bundles and the ``active``/``previous`` pointers. "" = ``bundles`` in the state dir.
     bundles_dir: Path | None = None

@@ -9,6 +9,7 @@ failure that took an earlier open ALL classifier from 20/20 on a desktop to
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import warnings
@@ -190,7 +191,7 @@ def field_side(field: Field, frame_shape: tuple[int, ...], size_px: float | None
 
 def estimate_background(rgb: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     """Background colour: the per-channel median of the brightest pixels (``BACKGROUND_QUANTILE``)."""
-    px = rgb.reshape(-1, 3) if valid is None else rgb[valid]
+    px = rgb.reshape(-1, 3) if valid is None or valid.all() else rgb[valid]  # same pixels, same order
     if len(px) == 0:
         return np.full(3, BACKGROUND_TARGET)
     g = px.astype(np.float32) @ LUMA
@@ -199,9 +200,36 @@ def estimate_background(rgb: np.ndarray, valid: np.ndarray | None = None) -> np.
 
 
 def normalise_colour(rgb: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """Scale each channel so the background becomes ``BACKGROUND_TARGET`` grey (uint8 in, uint8 out)."""
+    """Scale each channel so the background becomes ``BACKGROUND_TARGET`` grey (uint8 in, uint8 out).
+
+    Per pixel value: ``uint8(clip(float32(v) * gain + 0.5, 0, 255))``, worked out once for the 256 values of each
+    channel and applied as a lookup table (the same float32 operations on the same values: the same bytes).
+    """
     gain = np.clip(BACKGROUND_TARGET / np.maximum(background, 1.0), *GAIN_RANGE).astype(np.float32)
-    return np.clip(rgb.astype(np.float32) * gain + 0.5, 0, 255).astype(np.uint8)
+    lut = np.clip(np.arange(256, dtype=np.float32)[:, None] * gain + 0.5, 0, 255).astype(np.uint8)  # (256, 3)
+    if rgb.ndim == 3:
+        return np.array(Image.fromarray(np.ascontiguousarray(rgb), "RGB").point(lut.T.ravel().tolist()))
+    return lut[rgb, np.arange(3)]
+
+
+def _square(frame: np.ndarray, x0: float, y0: float, side: float, size: int, k: float) -> np.ndarray:
+    """The square (x0, y0, side) of ``frame`` resized to ``size``: PIL bilinear, box-filtered first when shrinking
+    4x or more (below 4x, no prefilter).
+
+    At scale 1 with a whole-pixel offset inside the frame, PIL's bilinear samples every source pixel exactly at
+    its centre (weights 0 and 1), so the result is that crop of the frame: taken directly, it is the same bytes
+    (``tests/device/test_prepare_identical.py``) without a resample (the replay's 224 px images, the lores stream).
+    """
+    h, w = frame.shape[:2]
+    whole = float(x0).is_integer() and float(y0).is_integer()
+    if side == size and whole and 0 <= x0 <= w - size and 0 <= y0 <= h - size:
+        return frame[int(y0):int(y0) + size, int(x0):int(x0) + size].copy()
+    img = Image.fromarray(np.ascontiguousarray(frame), "RGB")
+    f = int(1 / k / 2)
+    if f >= 2:
+        img = img.reduce(f)
+    box = (x0 / f, y0 / f, (x0 + side) / f, (y0 + side) / f) if f >= 2 else (x0, y0, x0 + side, y0 + side)
+    return np.asarray(img.transform((size, size), Image.Transform.EXTENT, box, Image.Resampling.BILINEAR)).copy()
 
 
 def prepare(frame: np.ndarray, size: int, *, side_px: float | None = None) -> Prepared:
@@ -219,12 +247,7 @@ def prepare(frame: np.ndarray, size: int, *, side_px: float | None = None) -> Pr
     side = field_side(field, frame.shape, side_px)
     x0, y0 = field.cx - side / 2, field.cy - side / 2
     k = size / side  # output pixels per frame pixel
-    img = Image.fromarray(np.ascontiguousarray(frame), "RGB")
-    f = int(1 / k / 2)  # shrinking 4x or more: box-filter by an integer factor first (below 4x, no prefilter)
-    if f >= 2:
-        img = img.reduce(f)
-    box = (x0 / f, y0 / f, (x0 + side) / f, (y0 + side) / f) if f >= 2 else (x0, y0, x0 + side, y0 + side)
-    raw = np.asarray(img.transform((size, size), Image.Transform.EXTENT, box, Image.Resampling.BILINEAR)).copy()
+    raw = _square(frame, x0, y0, side, size, k)
     # Output pixel centres that fall inside the frame.
     u = x0 + (np.arange(size) + 0.5) / k
     v = y0 + (np.arange(size) + 0.5) / k
@@ -249,13 +272,28 @@ def quantize_input(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
 
     q = round(x / scale) + zero_point, clipped to int8. Done in float64/int64 so
     no intermediate overflows, whatever scale the converter chose. With the
-    usual scale 1.0 / zero point -128 this is exactly ``x - 128``.
+    usual scale 1.0 / zero point -128 this is exactly ``x - 128``. A uint8 image
+    goes through a table of the formula's 256 values (the same numbers, cheaper).
     """
     if rgb.shape != (spec.size, spec.size, 3):
         raise ImageError(f"input has shape {rgb.shape}; expected ({spec.size}, {spec.size}, 3)")
-    if spec.scale == 1.0:
-        q = rgb.astype(np.int64) + int(spec.zero_point)
+    if rgb.dtype == np.uint8:
+        return np.take(_quantize_table(spec.scale, spec.zero_point, spec.dtype), rgb)[None]
+    return _quantize(rgb, spec.scale, spec.zero_point, spec.dtype)[None]
+
+
+def _quantize(x: np.ndarray, scale: float, zero_point: int, dtype: str) -> np.ndarray:
+    if scale == 1.0:
+        q = x.astype(np.int64) + int(zero_point)
     else:
-        q = np.rint(rgb.astype(np.float64) / spec.scale).astype(np.int64) + int(spec.zero_point)
-    lo, hi = (-128, 127) if spec.dtype == "int8" else (0, 255)
-    return np.clip(q, lo, hi).astype(np.int8 if spec.dtype == "int8" else np.uint8)[None]
+        q = np.rint(x.astype(np.float64) / scale).astype(np.int64) + int(zero_point)
+    lo, hi = (-128, 127) if dtype == "int8" else (0, 255)
+    return np.clip(q, lo, hi).astype(np.int8 if dtype == "int8" else np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _quantize_table(scale: float, zero_point: int, dtype: str) -> np.ndarray:
+    """:func:`_quantize` of each of the 256 uint8 values, read-only (shared by every caller)."""
+    table = _quantize(np.arange(256, dtype=np.uint8), scale, zero_point, dtype)
+    table.flags.writeable = False
+    return table

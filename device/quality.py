@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -67,7 +67,8 @@ class Quality:
                 "stained": self.stained}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """``dataclasses.asdict`` (every field is a plain value), without its recursive copy."""
+        return {"ok": self.ok, "code": self.code, "reason": self.reason, **self.figures()}
 
     @classmethod
     def from_dict(cls, d: dict) -> Quality:
@@ -113,11 +114,14 @@ def stain_mask(rgb: np.ndarray) -> np.ndarray:
 def erode(mask: np.ndarray, radius: int) -> np.ndarray:
     """Binary erosion with a (2r+1)^2 square: keeps solid blobs, drops thin rims and specks."""
     h, w = mask.shape
-    padded = np.pad(mask, radius, constant_values=False)
-    out = mask.copy()
+    rows = np.pad(mask, ((0, 0), (radius, radius)), constant_values=False)
+    across = mask.copy()
+    for dx in range(2 * radius + 1):  # a square is a row then a column: 2(2r+1) ANDs, not (2r+1)^2
+        across &= rows[:, dx:dx + w]
+    cols = np.pad(across, ((radius, radius), (0, 0)), constant_values=False)
+    out = across.copy()
     for dy in range(2 * radius + 1):
-        for dx in range(2 * radius + 1):
-            out &= padded[dy:dy + h, dx:dx + w]
+        out &= cols[dy:dy + h]
     return out
 
 
@@ -125,6 +129,14 @@ def stained_fraction(rgb: np.ndarray, valid: np.ndarray | None = None) -> float:
     """Share of the field covered by solid stained blobs (nuclei), not by tinted red-cell rims."""
     blobs = erode(stain_mask(rgb), 2)
     return float(blobs[valid].mean() if valid is not None and valid.any() else blobs.mean())
+
+
+def clipped_fraction(px: np.ndarray) -> float:
+    """Share of the pixels (N x 3) saturated white (every channel >= 250) or black (every channel <= 5)."""
+    r, g, b = px[:, 0], px[:, 1], px[:, 2]
+    white = (r >= 250) & (g >= 250) & (b >= 250)
+    black = (r <= 5) & (g <= 5) & (b <= 5)
+    return np.count_nonzero(white | black) / len(px)  # = the float64 mean of the mask: a count over a count
 
 
 def figures(prep: Prepared) -> tuple[float, float, float, float]:
@@ -136,7 +148,7 @@ def figures(prep: Prepared) -> tuple[float, float, float, float]:
     """
     v = prep.valid if not prep.valid.all() else None
     raw = prep.raw[prep.valid] if v is not None else prep.raw.reshape(-1, 3)
-    clipped = float(((raw >= 250).all(axis=-1) | (raw <= 5).all(axis=-1)).mean()) if len(raw) else 1.0
+    clipped = clipped_fraction(raw) if len(raw) else 1.0
     bright = float(luma(raw).mean()) if len(raw) else 0.0
     return sharpness(luma(prep.rgb), v), bright, clipped, stained_fraction(prep.rgb, v)
 

@@ -9,6 +9,7 @@ the loop turns it into a fault and retries with back-off.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -34,12 +35,16 @@ class Frame:
     ``small`` is the same view at about the model's size when the camera
     delivers one for free (picamera2's low-resolution stream, scaled by the
     ISP): the loop then gates and classifies it, and stores ``array``.
+    ``jpeg`` is the file ``array`` was decoded from when that file is a plain
+    JPEG of exactly these pixels (a replayed image): the store keeps those
+    bytes as they are instead of encoding the pixels again.
     """
 
     array: np.ndarray
     name: str
     t: float = field(default_factory=time.time)
     small: np.ndarray | None = None
+    jpeg: bytes | None = None
 
     @property
     def analysis(self) -> np.ndarray:
@@ -91,11 +96,28 @@ def list_images(directory: Path) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
-def _decode(path: Path, kind: str) -> np.ndarray:
+def _decode(path: Path, kind: str) -> tuple[np.ndarray, bytes | None]:
+    """The image's pixels, and the file's bytes when they are a plain JPEG of those pixels (see :class:`Frame`)."""
     try:
-        return np.asarray(load_image(path), dtype=np.uint8)
+        data = path.read_bytes()
+    except OSError:
+        data = b""  # load_image reads the path itself and says what is wrong with it
+    try:
+        img = load_image(data or path, name=str(path))
     except ImageError as exc:
         raise CameraError(f"{kind} source: {exc}") from exc
+    return np.asarray(img, dtype=np.uint8), (data if _plain_jpeg(data) else None)
+
+
+def _plain_jpeg(data: bytes) -> bool:
+    """A JPEG whose decoded pixels are what ``load_image`` gives: RGB, and no EXIF rotation to apply."""
+    if data[:3] != b"\xff\xd8\xff":
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # the header only
+            return img.mode == "RGB" and img.getexif().get(0x0112, 1) == 1
+    except (OSError, SyntaxError, ValueError):
+        return False
 
 
 class FileSource:
@@ -117,7 +139,7 @@ class FileSource:
             raise CameraError(f"{self.kind} source: {', '.join(missing[:3])} not found; check the paths")
         self.loop = loop
         self._hold = _Hold(repeat, hold_s, clock)
-        self._cache: tuple[int, np.ndarray] | None = None
+        self._cache: tuple[int, np.ndarray, bytes | None] | None = None
 
     def read(self) -> Frame:
         idx = self._hold.next()
@@ -128,8 +150,8 @@ class FileSource:
         path = self.paths[idx]
         if self._cache is None or self._cache[0] != idx:
             self._cache = None
-            self._cache = (idx, _decode(path, self.kind))
-        return Frame(self._cache[1], path.name, time.time())
+            self._cache = (idx, *_decode(path, self.kind))
+        return Frame(self._cache[1], path.name, time.time(), jpeg=self._cache[2])
 
     def close(self) -> None:
         self._cache = None

@@ -125,7 +125,9 @@ class FieldPipeline:
     def _commit(self, result: FieldResult, staged: Staged) -> FieldResult:
         """Recorder thread: durable record, then show (LEDs, page). Returns the recorded result."""
         try:
-            result = self.store.record(result, staged.frame.array)  # durable before anything is shown
+            frame = staged.frame
+            image = frame.jpeg if frame.jpeg is not None else frame.array  # a replayed JPEG is kept as it is
+            result = self.store.record(result, image)  # durable before anything is shown
             self.alerts.clear("storage")
             if self.store.last_image_error:
                 log.debug("image not kept: %s", self.store.last_image_error)

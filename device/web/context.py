@@ -11,7 +11,7 @@ from typing import NoReturn
 from flask import Response, abort, current_app, jsonify, request
 from werkzeug.http import HTTP_STATUS_CODES
 
-from device.web.presenters import ThumbCache
+from device.web.presenters import RecentCache, ThumbCache
 from device.web.protocol import ServiceAPI
 
 #: Where an app keeps its :class:`PageState` (``app.extensions``).
@@ -27,6 +27,7 @@ class PageState:
     stop: threading.Event = field(default_factory=threading.Event)  # set when the server closes: streams end
     uploads: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(1))
     thumbs: ThumbCache = field(default_factory=ThumbCache)
+    recent: RecentCache = field(default_factory=RecentCache)  # the live snapshot's newest results, per seq
 
 
 def page_state() -> PageState:

@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, jsonify, render_template
 
 from device.errors import ScreenError
 from device.web.context import error_response, page_state, service
-from device.web.presenters import snapshot, status_json
+from device.web.presenters import RecentCache, snapshot, status_json
 from device.web.protocol import ServiceAPI
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,16 @@ def health():
 
 @bp.get("/api/live")
 def live():
-    return jsonify(snapshot(service()))
+    st = page_state()
+    return jsonify(snapshot(st.service, st.recent))
 
 
 class EventStream:
     """A server-sent-event body holding one stream slot, released however the response ends."""
 
-    def __init__(self, service: ServiceAPI, slots: threading.BoundedSemaphore, stop: threading.Event):
-        self.service, self.slots, self.stop = service, slots, stop
+    def __init__(self, service: ServiceAPI, slots: threading.BoundedSemaphore, stop: threading.Event,
+                 recent: RecentCache | None = None):
+        self.service, self.slots, self.stop, self.recent = service, slots, stop, recent
         self._released = False
 
     def __iter__(self) -> Iterator[bytes]:
@@ -79,7 +81,7 @@ class EventStream:
                 if new == seq and time.monotonic() - last_sent < STREAM_REFRESH_S:
                     continue
             try:
-                snap = snapshot(self.service)
+                snap = snapshot(self.service, self.recent)
             except ScreenError as exc:
                 log.warning("live snapshot failed: %s", exc)
                 yield b": snapshot unavailable\n\n"
@@ -102,7 +104,7 @@ def events():
     if not st.streams.acquire(blocking=False):
         return error_response(503, "too many live pages open; this one polls /api/live instead",
                               headers={"Retry-After": "30"})
-    resp = Response(EventStream(st.service, st.streams, st.stop), mimetype="text/event-stream")
+    resp = Response(EventStream(st.service, st.streams, st.stop, st.recent), mimetype="text/event-stream")
     resp.headers["Cache-Control"] = "no-store"
     resp.headers["X-Accel-Buffering"] = "no"
     return resp

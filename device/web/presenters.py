@@ -81,11 +81,38 @@ def status_json(service: ServiceAPI) -> dict[str, Any]:
     return st
 
 
-def snapshot(service: ServiceAPI) -> dict[str, Any]:
-    """What the page shows: status plus the newest results."""
+class RecentCache:
+    """The newest results as the page shows them, kept for one ``seq`` of the status.
+
+    The loop bumps ``seq`` after every result it records or fails to record (and the store's rows change in no
+    other way while it runs), so the polls between two fields share one query. The list was read after its
+    ``seq``, so it is never older than that status; a failed read is not kept.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seq: int | None = None
+        self._recent: list[dict[str, Any] | None] = []
+
+    def get(self, seq: int | None, read: Callable[[], list[dict[str, Any] | None]]) -> list[dict[str, Any] | None]:
+        with self._lock:
+            if seq is not None and seq == self._seq:
+                return self._recent
+        recent = read()
+        with self._lock:
+            self._seq, self._recent = seq, recent
+        return recent
+
+
+def snapshot(service: ServiceAPI, cache: RecentCache | None = None) -> dict[str, Any]:
+    """What the page shows: status plus the newest results (shared between polls of one ``seq`` via ``cache``)."""
     st = status_json(service)
+
+    def read() -> list[dict[str, Any] | None]:
+        return [result_json(r) for r in service.store.query(limit=RECENT)]
+
     try:
-        recent = [result_json(r) for r in service.store.query(limit=RECENT)]
+        recent = cache.get(st.get("seq"), read) if cache is not None else read()
     except StoreError as exc:
         log.warning("recent results unavailable: %s", exc)
         recent = []

@@ -38,6 +38,19 @@ def test_effective_toml_round_trips() -> None:
     assert c.parse(tomllib.loads(c.to_toml(cfg))) == cfg
 
 
+def test_interpreter_threads_default_to_the_cores_but_one() -> None:
+    """``[model] threads = 0`` (the default) leaves a core to the loop's other stages and the page (issue 13)."""
+    from device.inference import interpreter_threads
+
+    assert c.Config().model.threads == 0
+    assert [interpreter_threads(0, cores=n) for n in (1, 2, 3, 4, 8)] == [1, 1, 2, 3, 4]
+    assert interpreter_threads(2, cores=2) == 2 and interpreter_threads(6, cores=4) == 6  # as configured
+    assert 1 <= interpreter_threads() <= 4
+    assert parse("[model]\nthreads = 3").model.threads == 3
+    with pytest.raises(ConfigError, match="model.threads = -1"):
+        parse("[model]\nthreads = -1")
+
+
 def test_config_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.Config().model.threads = 3  # type: ignore[misc]

@@ -83,7 +83,9 @@ def test_loop_records_every_field_durably_and_pings_the_watchdog(build, sample_p
         # the replay comes round again: the same four fields are recorded but add no evidence to the slide
         assert bool(r.slide_id) == (i < 4) and ("not counted again" in r.reason) == (i >= 4)
         assert r.status in ("ok", "retake", "refer") and r.quality.ok
-        assert svc.store.image_file(r) is not None
+        image = svc.store.image_file(r)
+        assert image is not None
+        assert image.read_bytes() == sample_paths[i % 4].read_bytes()  # a replayed JPEG is kept as it is
         assert {"capture", "quality", "preprocess", "invoke", "head", "store"} <= set(r.timings)
     with sqlite3.connect(svc.store.path) as db:  # what a fresh process would read
         assert db.execute("SELECT count(*) FROM fields").fetchone()[0] == len(rows)

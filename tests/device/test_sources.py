@@ -89,6 +89,26 @@ def test_a_corrupt_image_is_a_camera_error_and_replay_moves_on(replay_dir: Path)
     assert src.read().name != "0000-corrupt.jpg"
 
 
+def test_a_replayed_plain_jpeg_is_kept_as_its_own_bytes_other_files_are_not(tmp_path: Path,
+                                                                            sample_paths: list[Path]) -> None:
+    """The store keeps a replayed JPEG's file as it is (no second encoding), only when it is exactly the pixels
+    the loop classified: RGB and upright. A PNG, or a JPEG with an EXIF rotation, is encoded from the pixels."""
+    d = tmp_path / "mixed"
+    d.mkdir()
+    shutil.copy(sample_paths[0], d / "a.jpg")
+    img = Image.open(sample_paths[1])
+    img.save(d / "b.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    img.crop((0, 0, 224, 200)).save(d / "c.jpg", exif=exif)
+    src = ReplaySource(d)
+    frames = [src.read() for _ in range(3)]
+    assert frames[0].jpeg == (d / "a.jpg").read_bytes()
+    assert np.array_equal(np.asarray(Image.open(d / "a.jpg")), frames[0].array)
+    assert frames[1].jpeg is None and frames[2].jpeg is None
+    assert frames[2].array.shape[:2] == (224, 200)  # upright: the rotation was applied to the pixels
+
+
 def test_synthetic_frames_are_deterministic_and_pass_or_fail_the_gate_as_built() -> None:
     a, b = SyntheticSource(seed=5), SyntheticSource(seed=5)
     fa, fb = a.read(), b.read()
