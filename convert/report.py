@@ -60,21 +60,20 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
       "out-of-distribution method and threshold, the decision thresholds and the slide rule's per-field rates. "
       "The test split is read once, by the evaluation that writes this report.\n")
     a("## Method\n")
+    c = m["training"]["config"]
     if hist:
         kept = max((h for h in hist if h["size"] == max(x["size"] for x in hist)), key=lambda h: h["val_acc"])
-        a(f"1. **DarkNet19** (19 conv, 5 max-pool, BN, LeakyReLU 0.1; 1000-d global-pooled features), trained from "
-          f"scratch on the CPU: SGD momentum 0.9, L2 1e-4, cosine LR from {hist[0]['lr']:.3g}, batch 32, "
-          f"{sum(h['size'] != 224 for h in hist)} epochs at {hist[0]['size']} px then "
-          f"{sum(h['size'] == 224 for h in hist)} at 224 px; kept epoch {kept['epoch']} (validation accuracy "
-          f"{_pct(kept['val_acc'])}).")
-    elif "training" in m:  # weights reused (models/source): the work folder has their configuration, not their epochs
-        c = m["training"]["config"]
-        a(f"1. **DarkNet19** (19 conv, 5 max-pool, BN, LeakyReLU 0.1; 1000-d global-pooled features), trained from "
-          f"scratch on the CPU: SGD momentum {c['momentum']}, L2 {c['weight_decay']}, cosine LR from {c['lr']}, "
-          f"batch {c['batch']}, {c['low_epochs']} epochs at {c['low_size']} px then {c['high_epochs']} at "
-          f"{c['size']} px. This build reused the committed weights (`models/source/`), so its work folder holds "
-          "their configuration but not their per-epoch history; the training curves below are those of the run "
-          "that trained them.")
+        lr, low, high = f"{hist[0]['lr']:.3g}", sum(h["size"] != c["size"] for h in hist), sum(
+            h["size"] == c["size"] for h in hist)
+        how = f"; kept epoch {kept['epoch']} (validation accuracy {_pct(kept['val_acc'])})."
+    else:  # weights reused (models/source): the work folder has their configuration, not their epochs
+        lr, low, high = f"{c['lr']:g}", c["low_epochs"], c["high_epochs"]
+        how = (". This build reused the committed weights (`models/source/`), so its work folder holds their "
+               "configuration but not their per-epoch history; the training curves below are those of the run that "
+               "trained them.")
+    a(f"1. **DarkNet19** (19 conv, 5 max-pool, BN, LeakyReLU 0.1; 1000-d global-pooled features), trained from "
+      f"scratch on the CPU: SGD momentum {c['momentum']:g}, L2 {c['weight_decay']:g}, cosine LR from {lr}, batch "
+      f"{c['batch']}, {low} epochs at {c['low_size']} px then {high} at {c['size']} px" + how)
     a("2. **Augmentation** covering the shift families below: flips, rotations, magnification x0.8-1.25, shear, "
       "stain in optical-density space, RGB gains, hue +-20 deg, saturation, gamma, defocus, sensor noise, JPEG 30-90 "
       "and the eyepiece's dark surround; then every image goes through `device.preprocess.prepare`, the same code "
