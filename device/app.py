@@ -31,7 +31,6 @@ from device import config as config_mod
 from device.classifier import Classifier
 from device.config import Config, GpioConfig, Resolved, StoreConfig, resolve
 from device.errors import StoreError
-from device.inference import interpreter_threads
 from device.install import Verified, installed, verify_bundle
 from device.leds import AlertInputs, LedDriver, Pattern, alert_state, make_pin_factory
 from device.notify import Notifier
@@ -76,7 +75,7 @@ def configured_source(res: Resolved, model_size: int | None = None) -> tuple[Cal
 def open_bundle(cfg: Config, res: Resolved) -> Verified:
     """The configured bundle, verified (signature, hashes, model) and opened: what ``run`` and ``classify`` use."""
     return verify_bundle(res.model_dir, res.keys_dir, require_signature=cfg.model.require_signature,
-                         threads=interpreter_threads(cfg.model.threads), use_edgetpu=cfg.model.use_edgetpu,
+                         threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu,
                          references=False, rbc_diameter_px=cfg.camera.rbc_diameter_px)
 
 

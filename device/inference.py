@@ -85,7 +85,10 @@ class OutputSpec:
 
 
 class TFLiteModel:
-    """A loaded int8 feature extractor: int8 NHWC in, int8 feature vector out."""
+    """A loaded int8 feature extractor: int8 NHWC in, int8 feature vector out.
+
+    ``num_threads`` 0 is ``[model] threads = 0``: :func:`interpreter_threads` picks the count.
+    """
 
     def __init__(self, path: Path, *, num_threads: int = 4, edgetpu_path: Path | None = None,
                  use_edgetpu: bool = True):
@@ -104,7 +107,7 @@ class TFLiteModel:
                 log.info("Edge TPU not used (%s); running on the CPU", exc)
         if interp is None:
             try:
-                interp = Interpreter(model_path=str(path), num_threads=num_threads)
+                interp = Interpreter(model_path=str(path), num_threads=interpreter_threads(num_threads))
             except (ValueError, RuntimeError) as exc:
                 raise BundleError(f"{path}: the TFLite runtime cannot load this model ({exc}); "
                                   "rebuild the bundle with `make convert`") from exc

@@ -11,11 +11,10 @@ from device.commands import EXIT_OK, load_config
 
 def _switch(args: argparse.Namespace, action: str) -> int:
     from device import install
-    from device.inference import interpreter_threads
 
     cfg = load_config(args.config)
     res = config_mod.resolve(cfg)
-    verify = install.Verifier(res.keys_dir, threads=interpreter_threads(cfg.model.threads),
+    verify = install.Verifier(res.keys_dir, threads=cfg.model.threads,
                               use_edgetpu=cfg.model.use_edgetpu)
 
     def say(msg: str) -> None:

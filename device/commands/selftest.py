@@ -32,7 +32,6 @@ def sample_label(path: Path, classes: Sequence[str]) -> str | None:
 def cmd_selftest(args: argparse.Namespace) -> int:
     from device.bundle import load_bundle
     from device.classifier import Classifier
-    from device.inference import interpreter_threads
     from device.signing import verify_signature
 
     cfg = load_config(args.config)
@@ -73,7 +72,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     bundle = holder.get("bundle")
     if bundle is not None:
         def open_clf() -> str:
-            holder["clf"] = Classifier.open(bundle, num_threads=interpreter_threads(cfg.model.threads),
+            holder["clf"] = Classifier.open(bundle, num_threads=cfg.model.threads,
                                             use_edgetpu=cfg.model.use_edgetpu)
             m = holder["clf"].model
             return f"{bundle.name} sha256 {bundle.model_sha256[:12]}…, {m.runtime}, {m.delegate}"
