@@ -65,7 +65,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--build-dir", type=Path, default=ROOT / "build" / "bench",
                    help="cache of the float peer models (keyed by the weights' sha256)")
     p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1),
-                   help="TFLite/onnxruntime threads (default: the cores here, at most 4 as on a Pi)")
+                   help="TFLite/onnxruntime threads of the model comparisons (bare, ops; default: the cores here, "
+                        "at most 4 as on a Pi)")
+    p.add_argument("--loop-threads", type=int, default=0,
+                   help="interpreter threads of the appliance sections (loop, page, burst, startup, memory); "
+                        "default 0 = the device's own default, `[model] threads = 0` (the cores but one)")
     p.add_argument("--quick", action="store_true", help="short smoke run: fewer repetitions and fields")
     p.add_argument("--only", default="", help=f"comma-separated sections to run ({', '.join(SECTIONS)})")
     p.add_argument("--clients", type=int, default=8, help="page-load clients (default 8)")
@@ -120,7 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         """A section's time-out: ``cap``, or less so that the run ends within --budget-s."""
         return max(20.0, min(cap, args.budget_s - (time.perf_counter() - t_run) - 10.0))
 
+    from device.inference import interpreter_threads
+
+    # The appliance sections run the service as `make run` does: the interpreter thread count `[model] threads`
+    # gives here (the cores but one by default); the model comparisons use --threads.
+    loop_threads = interpreter_threads(args.loop_threads)
     clf = Classifier.open(bundle, num_threads=args.threads, use_edgetpu=False)
+    clf_loop = clf if loop_threads == args.threads else Classifier.open(bundle, num_threads=loop_threads,
+                                                                        use_edgetpu=False)
     results: dict = {"meta": {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
         "bundle": {"dir": os.path.relpath(bundle_dir, ROOT), "name": bundle.name, "input_size": bundle.input.size,
@@ -129,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                    "edgetpu_friendly_graph": bundle.edgetpu_friendly_path is not None,
                    "edgetpu_compiled_graph": bundle.edgetpu_path is not None,
                    "metrics": bundle.manifest.get("metrics")},
-        "threads": args.threads, "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "threads": args.threads, "loop_threads": loop_threads, "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         "runtime": clf.model.runtime, "quick": args.quick, "sections": wanted,
         "versions": {d: _version(d) for d in ("ai-edge-litert", "onnxruntime", "numpy", "pillow", "flask",
                                                "waitress")}},
@@ -178,26 +189,27 @@ def main(argv: list[str] | None = None) -> int:
                                      timeout=time_left(P["timeout"]))
 
         for src in loop_mod.LOOP_SOURCES:
-            out[src.replace("-", "_")] = run(clf, args.threads, src)
-        if args.threads > 1:  # does one interpreter thread fewer, leaving a core to the other stages, help?
-            fewer = Classifier.open(bundle, num_threads=args.threads - 1, use_edgetpu=False)
-            out["fewer_threads"] = {"threads": args.threads - 1}
+            out[src.replace("-", "_")] = run(clf_loop, loop_threads, src)
+        out["threads"] = loop_threads
+        if args.threads != loop_threads:  # the same loop with every core's worth of interpreter threads
+            out["compare_threads"] = {"threads": args.threads}
             for src in loop_mod.LOOP_SOURCES:
                 key = src.replace("-", "_")
-                r = run(fewer, args.threads - 1, src)
+                r = run(clf, args.threads, src)
                 base = out[key]
                 if not r.get("error") and not base.get("error"):
-                    r["period_vs_all_threads"] = round(r["period_median_ms"] / base["period_median_ms"], 4)
-                    r["period_vs_bare_all_threads"] = round(r["period_median_ms"] / base["bare_invoke_median_ms"], 4)
-                out["fewer_threads"][key] = r
-        from device.inference import interpreter_threads
-
-        device_threads = interpreter_threads()  # what `[model] threads = 0` (the shipped default) gives here
-        out["device_threads"] = device_threads
+                    r["period_vs_loop_threads"] = round(r["period_median_ms"] / base["period_median_ms"], 4)
+                    r["period_vs_bare_loop_threads"] = round(r["period_median_ms"] / base["bare_invoke_median_ms"],
+                                                             4)
+                out["compare_threads"][key] = r
         out["notes"] = [
-            f"The device's default here (`[model] threads = 0`: the cores but one, 1 to 4) is {device_threads} "
-            f"interpreter thread(s); the loop is timed at {args.threads} (--threads)"
-            + (f" and at {args.threads - 1}." if args.threads > 1 else "."),
+            f"The loop runs as `make run` runs it: {loop_threads} interpreter thread(s), "
+            + ("as --loop-threads asked" if args.loop_threads else
+               "what the shipped `[model] threads = 0` gives here (the cores but one, 1 to 4: the core left over "
+               "runs capture, gate, preparation, record, LEDs and the page)")
+            + ", and its bare invoke is timed at the same count"
+            + (f"; the same loop at {args.threads} threads (--threads) is the comparison below it."
+               if args.threads != loop_threads else "."),
             "Time per field = interval between consecutive frame captures. The loop is a pipeline: the frames "
             "thread captures, gates (quality) and prepares the next frame and the recorder thread commits and then "
             "shows the last result while the screening thread runs the model, so only inference, head and 'other' "
@@ -221,25 +233,25 @@ def main(argv: list[str] | None = None) -> int:
         return {key: ops_mod.graph_profile(path, args.threads, P["op_runs"]) for key, path in graphs}
 
     def page() -> dict:
-        return loop_mod.run_page_load(bundle, clf, args.threads, clients=args.clients,
+        return loop_mod.run_page_load(bundle, clf_loop, loop_threads, clients=args.clients,
                                       interval_s=args.page_interval,
                                       phase_s=P["page_phase_s"], paths=("/api/status", "/api/live"),
                                       pairs=P["page_pairs"], warm=P["page_warm"],
                                       timeout=time_left(P["timeout"]))
 
     def burst() -> dict:
-        return loop_mod.run_page_burst(bundle, clf, args.threads, size=200, bursts=P["bursts"],
+        return loop_mod.run_page_burst(bundle, clf_loop, loop_threads, size=200, bursts=P["bursts"],
                                        idle_s=P["burst_idle_s"], warm=P["page_warm"], timeout=time_left(P["timeout"]))
 
     def startup() -> dict:
         from bench import proc
 
-        return proc.startup(bundle_dir, args.threads, P["startup_runs"], timeout=60.0)
+        return proc.startup(bundle_dir, loop_threads, P["startup_runs"], timeout=60.0)
 
     def memory() -> dict:
         from bench import proc
 
-        return proc.memory(bundle_dir, args.threads, P["mem_warm"], P["mem_fields"],
+        return proc.memory(bundle_dir, loop_threads, P["mem_warm"], P["mem_fields"],
                            timeout=time_left(P["timeout"] * 2))
 
     def compute() -> dict:

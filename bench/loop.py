@@ -51,7 +51,7 @@ from device.classifier import Classifier, decide
 from device.head import evaluate
 from device.leds import LedDriver
 from device.notify import Notifier
-from device.pi_camera import lores_size
+from device.pi_camera import lores_size, main_rgb, yuv420_to_rgb
 from device.preprocess import frame_to_rgb, load_image, quantize_input
 from device.quality import assess
 from device.sources import Frame, ReplaySource, list_images
@@ -119,22 +119,29 @@ class TimedLeds(LedDriver):
 
 
 class MemoryCamera:
-    """A ``FrameSource`` handing out pre-made frames in turn, like a camera driver's buffers (copied).
+    """A ``FrameSource`` handing out pre-made frames in turn the way ``Picamera2Source.read`` does.
 
-    ``small``: a model-size second stream per frame, as picamera2's lores stream (the ISP scales it on the Pi).
+    The buffers are what libcamera fills: the main stream as ``BGR888`` (R,G,B in memory) and, with ``small``,
+    the model-size lores stream as planar YUV420 (scaled by the ISP on the Pi; made in advance here). Each read
+    copies them (picamera2's ``make_array``) and converts them with the Pi adapter's own functions.
     """
 
     kind = "memory-camera"
 
     def __init__(self, frames: list[np.ndarray], small: list[np.ndarray] | None = None):
-        self.frames, self.small, self.i = frames, small, 0
+        self.main = frames
+        self.yuv = [yuv420_from_rgb(s) for s in small] if small is not None else None
+        self.i = 0
 
     def read(self) -> Frame:
-        k = self.i % len(self.frames)
-        arr = self.frames[k].copy()  # picamera2's make_array copies the buffer too
-        small = self.small[k].copy() if self.small is not None else None
+        k = self.i % len(self.main)
+        rgb = main_rgb(self.main[k].copy())
+        small = None
+        if self.yuv is not None:
+            buf, size = self.yuv[k]
+            small = yuv420_to_rgb(buf.copy(), size)
         self.i += 1
-        return Frame(arr, f"camera-{self.i:06d}", time.time(), small=small)
+        return Frame(rgb, f"camera-{self.i:06d}", time.time(), small=small)
 
     def close(self) -> None:
         pass
@@ -144,6 +151,21 @@ def camera_frames(n: int = 12, size: tuple[int, int] = CAMERA_SIZE) -> list[np.n
     """The committed samples scaled up to the camera's stream size (made once, not timed)."""
     paths = list_images(SAMPLES)[:n]
     return [np.asarray(load_image(p).resize(size, Image.Resampling.BICUBIC), dtype=np.uint8) for p in paths]
+
+
+def yuv420_from_rgb(rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """An even-sized RGB image as a planar full-range (sYCC) YUV420 buffer, (h * 3/2, w) as ``make_array`` gives
+    it, and its (w, h): the inverse of :func:`device.pi_camera.yuv420_to_rgb`, chroma averaged over 2x2."""
+    h, w = rgb.shape[:2]
+    f = rgb.astype(np.float64)
+    y = 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
+    cb, cr = (f[..., 2] - y) / 1.772 + 128.0, (f[..., 0] - y) / 1.402 + 128.0
+
+    def half(p: np.ndarray) -> np.ndarray:
+        return p.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+    planes = [np.clip(np.rint(p), 0, 255).astype(np.uint8).reshape(-1) for p in (y, half(cb), half(cr))]
+    return np.concatenate(planes).reshape(h * 3 // 2, w), (w, h)
 
 
 def lores_frames(frames: list[np.ndarray], model_size: int) -> list[np.ndarray]:
@@ -252,13 +274,15 @@ def loop_source(source: str, model_size: int) -> tuple[Callable[[], Any], str]:
     if source == "replay":
         return (lambda: ReplaySource(SAMPLES, loop=True)), "replay of device/samples (224 px JPEGs)"
     frames = camera_frames()
-    label = f"camera-size frames ({CAMERA_SIZE[0]}x{CAMERA_SIZE[1]}, in memory)"
+    label = f"camera-size frames ({CAMERA_SIZE[0]}x{CAMERA_SIZE[1]} BGR888 buffers, in memory)"
     if source == "camera":
-        return (lambda: MemoryCamera(frames)), label
+        cam = MemoryCamera(frames)  # its buffers are made once, untimed; every Service reads the same camera
+        return (lambda: cam), label
     if source == "camera-lores":
         small = lores_frames(frames, model_size)
         h, w = small[0].shape[:2]
-        return (lambda: MemoryCamera(frames, small)), f"{label} + {w}x{h} lores stream (picamera2 path)"
+        cam = MemoryCamera(frames, small)
+        return (lambda: cam), f"{label} + {w}x{h} YUV420 lores stream (the picamera2 path)"
     raise ValueError(f"unknown loop source {source!r}; choose from {', '.join(LOOP_SOURCES)}")
 
 

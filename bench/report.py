@@ -46,10 +46,11 @@ def _sum(*values: Any) -> float | None:
 TARGETS: tuple[Target, ...] = (
     Target("int8_vs_float", "int8 bare invoke / float32 TFLite bare invoke (same threads, same run)", 0.35, "x",
            lambda r: _dig(r, "bare", "int8_vs_float32_tflite"), section="bare"),
-    Target("loop_ratio", "Loop time per field / bare int8 invoke (replay source, as `make run`)", 1.10, "x",
-           lambda r: _dig(r, "loop", "replay", "ratio"), section="loop"),
-    Target("loop_ratio_camera", "Loop time per field / bare int8 invoke (camera-size 1014x760 frames)", 1.10, "x",
-           lambda r: _dig(r, "loop", "camera", "ratio"), section="loop"),
+    Target("loop_ratio", "Loop time per field / bare int8 invoke, same interpreter threads (replay source, as "
+           "`make run`)", 1.10, "x", lambda r: _dig(r, "loop", "replay", "ratio"), section="loop"),
+    Target("loop_ratio_camera", "Loop time per field / bare int8 invoke, same interpreter threads (camera-size "
+           "1014x760 frames as the Pi camera gives them: main stream + model-size lores stream)", 1.10, "x",
+           lambda r: _dig(r, "loop", "camera_lores", "ratio"), section="loop"),
     Target("preprocess_head_ms", "Preprocessing + head per field (camera-size frames, median)", 2.0, "ms",
            lambda r: _sum(_dig(r, "micro", "camera", "preprocess_ms"), _dig(r, "micro", "camera", "head_ms")),
            section="micro"),
@@ -76,7 +77,7 @@ def _why_missing(results: dict, t: Target) -> str:
     if isinstance(s, dict) and s.get("error"):
         return str(s["error"])
     if isinstance(s, dict) and t.key.startswith("loop"):
-        variant = s.get("replay" if t.key == "loop_ratio" else "camera")
+        variant = s.get("replay" if t.key == "loop_ratio" else "camera_lores")
         if isinstance(variant, dict):
             return str(variant.get("error", "no figure"))
     return "section skipped" if s is None else "no figure"
@@ -123,7 +124,9 @@ def render_markdown(results: dict) -> str:
         f"- Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores ({m.get('platform', '')}); "
         f"load average at start {_f(m.get('load_start'), 2)}, at end {_f(m.get('load_end'), 2)}",
         f"- Bundle: `{b.get('dir', '?')}` ({b.get('name', '?')}, {b.get('input_size', '?')} px input, "
-        f"model sha256 {str(b.get('model_sha256', '?'))[:12]}); TFLite threads: {meta.get('threads', '?')}; "
+        f"model sha256 {str(b.get('model_sha256', '?'))[:12]}); TFLite threads: {meta.get('threads', '?')} "
+        f"(model comparisons), {meta.get('loop_threads', meta.get('threads', '?'))} (the appliance: loop, page, "
+        "start-up, memory); "
         f"runtime {meta.get('runtime', '?')}; numpy BLAS threads: {meta.get('blas_threads') or 'OpenBLAS default'}",
     ]
     if meta.get("quick"):
@@ -174,7 +177,8 @@ def render_markdown(results: dict) -> str:
     if loop.get("error"):
         out.append(f"Not measured: {loop['error']}")
     variants = [(k, loop[k]) for k in LOOP_VARIANTS if isinstance(loop.get(k), dict)]
-    fewer = loop.get("fewer_threads") or {}
+    other = loop.get("compare_threads") or {}
+    lt = loop.get("threads", meta.get("threads", "?"))
     if variants:
         out += ["| | " + " | ".join(v.get("label", k) for k, v in variants) + " |",
                 "|---|" + "---:|" * len(variants)]
@@ -192,7 +196,7 @@ def render_markdown(results: dict) -> str:
             f"({_f(v.get('period_mean_ms'), 2)}) ms")
         row("Bare int8 invoke, median (same model object, around the loop)",
             lambda v: _f(v.get("bare_invoke_median_ms"), 2, " ms"))
-        row(f"**Loop / bare invoke** ({meta.get('threads', '?')} threads)",
+        row(f"**Loop / bare invoke** ({lt} interpreter thread(s), both)",
             lambda v: f"**{_f(v.get('ratio'), 3, 'x')}**")
         stages = []
         for _, v in variants:
@@ -208,15 +212,13 @@ def render_markdown(results: dict) -> str:
             overlapped = any(((v.get("stages") or {}).get(s) or {}).get("overlapped") for _, v in variants)
             row(f"overlapped: {s}, median (time / period)" if overlapped else f"share of period: {s} (median)", cell)
         row("Verdicts", lambda v: ", ".join(f"{k} {n}" for k, n in sorted((v.get("statuses") or {}).items())))
-        if fewer:
-            n = fewer.get("threads", "?")
-            row(f"Time per field with {n} interpreter thread(s), median", lambda v: _f(v.get("period_median_ms"), 2,
-                                                                                       " ms"), fewer)
-            row(f"... vs with {meta.get('threads', '?')} threads", lambda v: _f(v.get("period_vs_all_threads"), 3, "x"),
-                fewer)
-            row(f"... / its own bare invoke ({n} threads)", lambda v: _f(v.get("ratio"), 3, "x"), fewer)
-            row(f"... / the bare invoke at {meta.get('threads', '?')} threads",
-                lambda v: _f(v.get("period_vs_bare_all_threads"), 3, "x"), fewer)
+        if other:
+            n = other.get("threads", "?")
+            row(f"Time per field with {n} interpreter thread(s) (--threads), median",
+                lambda v: _f(v.get("period_median_ms"), 2, " ms"), other)
+            row(f"... vs with {lt}", lambda v: _f(v.get("period_vs_loop_threads"), 3, "x"), other)
+            row(f"... / its own bare invoke ({n} threads)", lambda v: _f(v.get("ratio"), 3, "x"), other)
+            row(f"... / the bare invoke at {lt}", lambda v: _f(v.get("period_vs_bare_loop_threads"), 3, "x"), other)
         for k, v in variants:
             if v.get("error"):
                 out.append(f"\n{v.get('label', k)}: not measured: {v['error']}")

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 #: The loop's three threads (and the page's) pass the GIL around several times per field; at Python's default
 #: 5 ms a busy thread can keep the screening thread waiting that long after an invoke returns.
-SWITCH_INTERVAL_S = 0.001
+SWITCH_INTERVAL_S = 0.0002
 
 
 class Service:

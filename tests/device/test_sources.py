@@ -149,9 +149,11 @@ class _Request:
                     plane, ((0, 0), (0, stride // 2 - w // 2))).reshape(-1)
             return buf
         w, h = self.cam.config["main"]["size"]
-        arr = np.zeros((h, w, 3), np.uint8)
-        arr[..., 0] = 10  # B,G,R in memory for libcamera's RGB888
-        arr[..., 2] = 200
+        assert self.cam.config["main"]["format"] == "BGR888"  # R,G,B in memory (libcamera's RGB888 is B,G,R)
+        stride = -(-w * 3 // 64) * 64  # rows padded as the ISP pads them; make_array slices the padding off
+        arr = np.zeros((h, stride), np.uint8)[:, :w * 3].reshape(h, w, 3)
+        arr[..., 0] = 200
+        arr[..., 2] = 10
         return arr
 
     def get_metadata(self) -> dict:
@@ -218,7 +220,7 @@ def fake_picamera2(monkeypatch: pytest.MonkeyPatch) -> type[_FakePicamera2]:
 def test_picamera2_locks_exposure_and_white_balance_and_delivers_rgb(fake_picamera2) -> None:
     src = Picamera2Source((640, 480), lock_after_s=0.0, timeout_s=1.0)
     cam = fake_picamera2.instances[0]
-    assert cam.config["main"] == {"size": (640, 480), "format": "RGB888"}
+    assert cam.config["main"] == {"size": (640, 480), "format": "BGR888"}
     assert cam.controls == [{"AeEnable": False, "AwbEnable": False, "ExposureTime": 12345, "AnalogueGain": 2.5,
                              "ColourGains": (1.8, 1.4)}]
     frame = src.read()
