@@ -53,7 +53,9 @@ from device.store.records import FieldResult
 log = logging.getLogger(__name__)
 
 #: The loop's three threads (and the page's) pass the GIL around several times per field; at Python's default
-#: 5 ms a busy thread can keep the screening thread waiting that long after an invoke returns.
+#: 5 ms a busy thread can keep the screening thread waiting that long after an invoke returns (the invoke itself
+#: releases the GIL). Measured here, a 1-thread invoke beside a thread running pure Python took 1.67x its bare
+#: time at 5 ms, 1.18x at 1 ms, 1.08x at 0.5 ms and 1.04x at 0.1 ms.
 SWITCH_INTERVAL_S = 0.0002
 
 
