@@ -84,8 +84,9 @@ def field_outcomes(head: Head, feats: np.ndarray, y: np.ndarray, th: Thresholds,
     }
 
 
-def held_out(head: Head, feats: np.ndarray, y: np.ndarray, benign: int, th: Thresholds) -> dict:
-    r = field_outcomes(head, feats, y, th, benign)
+def held_out(head: Head, feats: np.ndarray, y: np.ndarray, benign: int, th: Thresholds,
+             quality: np.ndarray | None = None) -> dict:
+    r = field_outcomes(head, feats, y, th, benign, quality)
     pred = np.array(r["pred"])
     r["confusion"] = confusion_matrix(y, pred, labels=list(range(len(head.classes)))).tolist()
     r["per_class"] = per_class(y, pred, list(head.classes))

@@ -157,8 +157,9 @@ def _shift_section(a, m: dict) -> None:
     a("## Shift suite: the test images as another lab, microscope or camera shows them\n")
     a("`python -m convert evaluate --shifts` prints this table. Each family at three strengths; *moderate* is the "
       "strength the appliance must take. Geometric families are also run after `device.calibrate` on the "
-      "first 24 shifted test images (in split order: benign ones), as a technician calibrates a box once; the "
-      "red-cell estimator varies between smears (README, calibration), which these rows show. Columns: 4-class "
+      "first 24 shifted test images (in split order: benign ones), as a technician calibrates a box once (the "
+      "scale read from the fields' texture, README: calibration). Retakes include the quality gate's scale check "
+      "(a field too fine or too coarse for the training magnification). Columns: 4-class "
       "accuracy of the top class with its interval; ALL fields confidently called Benign; benign fields raising "
       "the ALL alert; fields referred or sent to retake.\n")
     a("![shift suite](figures/shifts.png)\n")
@@ -173,8 +174,12 @@ def _shift_section(a, m: dict) -> None:
 
 def _ood_section(a, m: dict) -> None:
     a("## Refer what it does not know\n")
-    a("Out-of-distribution methods compared (each with its threshold at the validation split's 98th percentile; "
-      "share of each set referred or sent to retake; the quality gate runs first on the device):\n")
+    pct = 100 * (1 - m.get("ood_val_refer", 0.02))
+    a(f"Out-of-distribution methods compared (each with its threshold at the validation split's {pct:g}th "
+      "percentile; share of each set referred or sent to retake; the quality gate runs first on the device, and "
+      "its scale check retakes fields at another magnification: the texture scale of the field and of its "
+      "unstained part over 1.448x the validation medians, or finer than the validation "
+      "0.25th percentile):\n")
     names = [k for k in m["ood_comparison"][0] if k not in ("method", "threshold", "mean_caught")]
     a("| method | threshold | " + " | ".join(names) + " | mean caught |")
     a("|---" * (len(names) + 3) + "|")

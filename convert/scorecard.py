@@ -25,6 +25,7 @@ from convert.evaluate import (
     table2,
     wilson,
 )
+from convert.fit import OOD_VAL_REFER
 from convert.options import Options, load_part, paths
 from device.bundle import Thresholds
 from device.head import load_head
@@ -66,8 +67,8 @@ def evaluate_all(o: Options) -> dict:
     torch.set_num_threads(2)
     _, x_te, _, _ = load_part(o, "test", size)
     cnn_pred = predict(net, x_te, size).argmax(1)
-    test = held_out(head, z["test"], y, benign, th)
-    val = field_outcomes(head, z["val"], yv, th, benign)
+    test = held_out(head, z["test"], y, benign, th, quality=_codes(z, "test"))
+    val = field_outcomes(head, z["val"], yv, th, benign, quality=_codes(z, "val"))
     flt = field_outcomes(head, z["test_float"], y, th, benign)
     rules = slide_rules(val)
     suite = shifts.suite()
@@ -90,7 +91,7 @@ def evaluate_all(o: Options) -> dict:
         "cnn_int8_agreement": rate(int((np.array(test["pred"]) == cnn_pred).sum()), len(y)),
         "shifts": shift_table(head, th, benign, y, zs, suite),
         "ood": _ood(head, th, benign, zo, zs, suite, z),
-        "ood_comparison": sel["ood_comparison"], "ood_method": sel["ood_method"],
+        "ood_comparison": sel["ood_comparison"], "ood_method": sel["ood_method"], "ood_val_refer": OOD_VAL_REFER,
         "lsb": [lsb_robustness(head, z["test"], float(z["out_scale"]), k) for k in (1, 3)],
         "selection": {"criterion": sel["criterion"], "k": sel["k"], "C": sel["C"], "paper_k": 521,
                       "table": sel["table"], "best_val_accuracy": sel["best_val_accuracy"], "one_se": sel["one_se"]},
@@ -109,12 +110,17 @@ def evaluate_all(o: Options) -> dict:
     return m
 
 
+def _codes(z, part: str) -> np.ndarray:
+    """The quality gate's codes of a split's images (work folders made before they were kept: all passed)."""
+    return z[f"{part}_q"] if f"{part}_q" in z.files else np.array([QUALITY_OK] * len(z[part]))
+
+
 def _same_decisions(a: dict, b: dict) -> int:
     return sum(sa == sb and pa == pb for sa, sb, pa, pb in zip(a["status"], b["status"], a["pred"], b["pred"]))
 
 
 def _ood(head, th, benign, zo, zs, suite, z) -> dict:
-    out = {"new-patient test": caught(head, th, benign, z["test"], np.array([QUALITY_OK] * len(z["test"])))}
+    out = {"new-patient test": caught(head, th, benign, z["test"], _codes(z, "test"))}
     for mode in ("calibrated", "none"):
         if f"bccd|{mode}" in zo.files:
             out[f"ood-bccd ({'calibrated' if mode == 'calibrated' else 'uncalibrated'})"] = caught(

@@ -237,7 +237,9 @@ def features(o: Options) -> None:
         sources = {}
         for part in data.PARTS:
             sources[part] = src = data.load_sources(root, parts[part])
-            out[part] = np.stack([screen(model, im, size)[0] for im in src])
+            screened = [screen(model, im, size) for im in src]
+            out[part] = np.stack([f for f, _ in screened])
+            out[f"{part}_q"] = np.array([q for _, q in screened])  # the gate's code: its scale check retakes ~1%
             out[f"y_{part}"] = np.array([classes.index(s.label) for s in parts[part]])
             out[f"{part}_names"] = np.array([s.path for s in parts[part]])
         d = [x for im in sources["train"] if (x := rbc_diameter(im)) is not None]
@@ -259,7 +261,7 @@ def features(o: Options) -> None:
         return {"ms_per_image": per_image * 1000}
 
     run_step(o, "features", [pp.tflite, pp.onnx, pp.split], [pp.features, pp.shifts, pp.ood],
-             {"version": 2}, go)
+             {"version": 5}, go)
 
 
 def screen(model, frame: np.ndarray, size: int, side_px: float | None = None) -> tuple[np.ndarray, str]:
@@ -288,7 +290,7 @@ def head(o: Options) -> None:
         xtr, ytr, xva, yva = z["train"], z["y_train"], z["val"], z["y_val"]
         sel = choose_k(xtr, ytr, xva, yva, criterion=o.criterion, seed=o.seed)
         idx = sel.ranking[:sel.k]
-        sets = {"in:validation": (xva, np.array([QUALITY_OK] * len(xva)))}
+        sets = {"in:validation": (xva, z["val_q"] if "val_q" in z.files else np.array([QUALITY_OK] * len(xva)))}
         for name in ("bccd|calibrated", "bccd|none", "synthetic"):
             if name in zo.files:
                 sets[name] = (zo[name], zo[name + "|q"])

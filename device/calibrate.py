@@ -1,11 +1,15 @@
-"""Field scale: the median red-cell diameter, so another objective or camera is rescaled to the training scale.
+"""Field scale, so another objective or camera is rescaled to the training scale.
 
-Red cells are the one object every peripheral smear has in numbers and whose size barely varies (about
-7.5 um). Their diameter in pixels is measured with the isoperimetric estimate d = 4A/P over all red-cell
-pixels of the field (for a disc, 4 * (pi d^2 / 4) / (pi d) = d): no segmentation of single cells, no
-connected components, numpy only. P is counted as horizontal plus vertical mask transitions times pi/4,
-the mean projection factor of a boundary in random orientation. Touching cells and central pallor bias the
-estimate, but by the same factor at every magnification, which is all a ratio of two scales needs.
+The scale is read from the field's texture (:func:`device.quality.texture_px`: the lag at which the
+grey image's autocorrelation falls to one half), which the cells set and which follows the magnification
+(x0.80 at x0.8, x1.21 at x1.25, x1.86 at x2 on the development images), with class medians of the
+training images within 5.6-7.0 px. It is expressed as a red-cell diameter in frame pixels: the texture
+scale times :data:`RBC_PER_TEXTURE`, the ratio of the training images' median red-cell diameter (31.2 px,
+by the isoperimetric estimate this module used before) to their median texture scale (6.4 px). Only the
+ratio of the camera's figure to the training images' enters the crop, so the constant cancels.
+
+(The isoperimetric red-cell estimate 4A/P it replaces varied with smear density, 11.5-46 px between
+classes of the development set, and mis-scaled the calibrated runs of the shift suite.)
 
 ``python -m device calibrate`` measures a few fields and writes ``[camera] rbc_diameter_px`` into the
 config; the toolchain measures the training images the same way (``manifest.json`` ``input.rbc_diameter_px``).
@@ -19,20 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from device.errors import ConfigError, ImageError
-from device.preprocess import estimate_background, find_field, luma, normalise_colour
+from device.preprocess import luma, prepare
+from device.quality import ANALYSIS_SIZE, TEXTURE_LIMIT, texture_px
 
 log = logging.getLogger(__name__)
 
-#: Fields are measured at most this many pixels across (cells stay well over 5 px wide at any sensible scale).
-MEASURE_MAX = 512
-#: A pixel belongs to a cell when it is this much darker than the background (relative luma).
-CELL_CONTRAST = 0.9
-MIN_CELL_FRACTION = 0.05
-#: The second pass measures cells at this size (pixels across).
-WORK_DIAMETER = 16.0
+#: Red-cell diameter per texture pixel on the development images (31.2 px / 6.4 px): see the module docstring.
+RBC_PER_TEXTURE = 4.86
+#: Texture scales outside this range (px at the analysis size) are no smear to measure: noise or text below,
+#: a blank or evenly lit field at :data:`device.quality.TEXTURE_LIMIT`.
+MIN_TEXTURE = 2.0
+#: At least this share of the analysis square must be lit field.
+MIN_LIT = 0.25
 
 
 @dataclass(frozen=True)
@@ -42,47 +46,18 @@ class Calibration:
     per_field: tuple[float, ...]
 
 
-def _measure(sq: np.ndarray) -> float | None:
-    """4A/P cell diameter (pixels of ``sq``), or None when too few cells are in view."""
-    rgb = normalise_colour(sq, estimate_background(sq))
-    g = luma(rgb)
-    # 3x3 box smoothing before the threshold: sensor noise would otherwise add boundary.
-    p = np.pad(g, 1, mode="edge")
-    g = sum(p[dy:dy + g.shape[0], dx:dx + g.shape[1]] for dy in range(3) for dx in range(3)) / 9
-    cells = g < CELL_CONTRAST * float(np.percentile(g, 90))
-    if cells.mean() < MIN_CELL_FRACTION:
-        return None
-    transitions = float((cells[:, 1:] != cells[:, :-1]).sum() + (cells[1:] != cells[:-1]).sum())
-    return 4 * float(cells.sum()) / (transitions * np.pi / 4) if transitions else None
-
-
-def _resized(sq: np.ndarray, factor: float) -> np.ndarray:
-    size = (max(16, round(sq.shape[1] / factor)), max(16, round(sq.shape[0] / factor)))
-    return np.asarray(Image.fromarray(np.ascontiguousarray(sq)).resize(size, Image.Resampling.BILINEAR))
-
-
 def rbc_diameter(frame: np.ndarray) -> float | None:
-    """Red-cell diameter estimate (frame pixels) for one field, or None when it shows too few cells.
-
-    Two passes: a first estimate, then the field is resampled so cells are :data:`WORK_DIAMETER` px across
-    and measured again. The smoothing and the pixel grid then act on cells of the same size whatever the
-    magnification, which keeps the estimate proportional to the true scale.
-    """
+    """Red-cell diameter estimate (frame pixels) for one field from its texture scale, or None when the field
+    shows nothing to measure (blank, too little of it lit, or no cell-sized texture)."""
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
         raise ImageError(f"frame has shape {frame.shape} dtype {frame.dtype}; expected HxWx3 uint8 RGB")
-    field = find_field(frame)
-    half = field.radius / np.sqrt(2) if field.disc else min(frame.shape[:2]) / 2  # inscribed square
-    x0, y0 = int(max(0, field.cx - half)), int(max(0, field.cy - half))
-    sq = frame[y0:int(field.cy + half), x0:int(field.cx + half)]
-    if min(sq.shape[:2]) < 16:
+    prep = prepare(frame, ANALYSIS_SIZE)  # uncalibrated: the disc's square, or the frame's shorter side
+    if prep.valid.mean() < MIN_LIT:
         return None
-    factor = max(1.0, min(sq.shape[:2]) / MEASURE_MAX)
-    first = _measure(_resized(sq, factor) if factor > 1 else sq)
-    if first is None:
+    t = texture_px(luma(prep.rgb), None if prep.valid.all() else prep.valid)
+    if not MIN_TEXTURE <= t < TEXTURE_LIMIT:
         return None
-    factor *= first / WORK_DIAMETER
-    second = _measure(_resized(sq, factor))
-    return None if second is None else second * factor
+    return RBC_PER_TEXTURE * t * prep.side / ANALYSIS_SIZE
 
 
 def calibrate(frames: list[np.ndarray]) -> Calibration:
@@ -90,7 +65,7 @@ def calibrate(frames: list[np.ndarray]) -> Calibration:
     d = [x for f in frames if (x := rbc_diameter(f)) is not None]
     if len(d) < max(1, len(frames) // 2):
         raise ImageError(f"only {len(d)} of {len(frames)} fields showed enough red cells to measure; "
-                         "move to a part of the smear with a single layer of red cells and try again")
+                         "move to a part of the smear with a single layer of red cells, focus, and try again")
     return Calibration(float(np.median(d)), len(d), tuple(d))
 
 

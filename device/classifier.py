@@ -150,9 +150,9 @@ class Classifier:
     ``classify`` = ``infer(prepare(frame))``: the screening loop prepares the next frame on another thread
     while this one's ``infer`` holds the interpreter (which is not thread-safe; only ``infer`` touches it).
 
-    ``rbc_diameter_px`` is the camera's calibration (``python -m device calibrate``): the median red-cell
-    diameter in frame pixels. With it, every frame is rescaled to the training scale; without it (0), the
-    lit field's bounding square is taken as the training field of view.
+    ``rbc_diameter_px`` is the camera's calibration (``python -m device calibrate``): a red-cell diameter in
+    frame pixels, read from the fields' texture scale. With it, every frame is rescaled to the training scale;
+    without it (0), the lit field's bounding square is taken as the training field of view.
     """
 
     def __init__(self, bundle: Bundle, model: TFLiteModel, *, rbc_diameter_px: float = 0.0):

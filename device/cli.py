@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail if a reference image's int8 features differ from the build machine's by more than N "
                         "(default %(default)s: the largest perturbation the bundle's REPORT.md measures)")
     s.set_defaults(fn=cmd_selftest)
-    cal = with_config(sub.add_parser("calibrate", help="measure the field scale (median red-cell diameter)"))
+    cal = with_config(sub.add_parser("calibrate",
+                                     help="measure the field scale (a red-cell diameter, from the fields' texture)"))
     cal.add_argument("images", nargs="*", metavar="IMAGE", help="fields to measure (default: read the camera)")
     cal.add_argument("--frames", type=int, default=12, help="camera frames to measure (default 12)")
     cal.add_argument("--write", action="store_true", help="write the result into the --config file")

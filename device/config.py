@@ -90,8 +90,8 @@ class CameraConfig:
     #: Back-off between reconnect attempts after a camera fault: starts here, doubles, capped.
     retry_min_s: float = field(default=1.0, metadata=value_range(0.01, 600.0))
     retry_max_s: float = field(default=30.0, metadata=value_range(0.01, 3600.0))
-    #: Median red-cell diameter in camera pixels, measured by ``python -m device calibrate``; 0 = uncalibrated
-    #: (the lit field's bounding square is taken as the training field of view).
+    #: Red-cell diameter in camera pixels (from the fields' texture scale), by ``python -m device calibrate``;
+    #: 0 = uncalibrated (the lit field's bounding square is taken as the training field of view).
     rbc_diameter_px: float = field(default=0.0, metadata=value_range(0.0, 10000.0))
     #: Synthetic source only: the seed of its deterministic frames.
     seed: int = field(default=0, metadata=value_range(0, None))

@@ -187,7 +187,7 @@ def synthetic_field(seed: int, size: tuple[int, int] = (224, 224), *, cells: boo
     s = min(w, h) / 224.0
     img = Image.new("RGB", (w, h), (228, 222, 236))
     draw = ImageDraw.Draw(img)
-    for _ in range(int(60 * (w * h) / (224 * 224))):
+    for _ in range(int(60 * (w * h) / (224 * 224) / (s * s))):  # 60 red cells per 224 px field at any size
         x, y = rng.uniform(0, w), rng.uniform(0, h)
         r = rng.uniform(9, 13) * s
         draw.ellipse((x - r, y - r, x + r, y + r), fill=(205, 190, 215), outline=(170, 150, 190),

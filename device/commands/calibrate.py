@@ -1,4 +1,5 @@
-"""``python -m device calibrate``: the field scale (median red-cell diameter) from image files or the camera."""
+"""``python -m device calibrate``: the field scale (a red-cell diameter, from the fields' texture) from image files
+or the camera."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from device.errors import ConfigError
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    """Measure the field scale (median red-cell diameter) from image files or the configured camera."""
+    """Measure the field scale (red-cell diameter from the texture scale) from image files or the configured camera."""
     from device.bundle import load_bundle, side_px
     from device.calibrate import calibrate, write_to_config
     from device.preprocess import load_image
@@ -34,7 +35,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cal = calibrate(frames)
     bundle = load_bundle(res.model_dir)
     side = side_px(bundle, cal.rbc_diameter_px)
-    print(f"median red-cell diameter {cal.rbc_diameter_px:.1f} px over {cal.fields} of {len(frames)} fields "
+    print(f"field scale: red-cell diameter {cal.rbc_diameter_px:.1f} px (median from the texture of {cal.fields} of "
+          f"{len(frames)} fields) "
           f"(training images: {bundle.rbc_diameter_px:.1f} px in a {bundle.field_px:.0f} px field): each field will be "
           f"a {side:.0f} px square of the frame, resized to {bundle.input.size} px", flush=True)
     if args.write:

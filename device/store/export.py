@@ -23,7 +23,8 @@ def iso(t: float) -> str:
 def header(classes: tuple[str, ...]) -> list[str]:
     return ["id", "time", "slide_id", "source", "name", "status", "label", "all", "confidence", "reason",
             *[f"p_{c}" for c in classes], "distance", "p_all", "sharpness", "brightness", "clipped",
-            "stained", *[f"{k}_ms" for k in TIMING_STAGES], "model_sha256", "bundle", "image"]
+            "stained", "texture", "unstained_texture", *[f"{k}_ms" for k in TIMING_STAGES], "model_sha256", "bundle",
+            "image"]
 
 
 def cells(r: FieldResult, classes: tuple[str, ...]) -> list[Any]:
@@ -33,7 +34,8 @@ def cells(r: FieldResult, classes: tuple[str, ...]) -> list[Any]:
             *[f"{r.scores.get(c, 0.0):.4f}" for c in classes],
             "" if r.distance is None else f"{r.distance:.3f}",
             "" if r.p_all is None else f"{r.p_all:.4f}", f"{q.sharpness:.2f}",
-            f"{q.brightness:.2f}", f"{q.clipped:.4f}", f"{q.stained:.4f}",
+            f"{q.brightness:.2f}", f"{q.clipped:.4f}", f"{q.stained:.4f}", f"{q.texture:.2f}",
+            f"{q.unstained_texture:.2f}",
             *[f"{t[k]:.2f}" if k in t else "" for k in TIMING_STAGES],
             r.model_sha256, r.bundle or UNKNOWN_BUNDLE, r.image or ""]
 

@@ -14,6 +14,7 @@ from convert.data import load_rgb, load_sources, read_split
 from device.bundle import load_bundle
 from device.classifier import Classifier
 from device.preprocess import load_image
+from device.quality import assess
 from device.reference import check_references
 
 ARGS = ["--width", "0.125", "--size", "64", "--low-size", "64", "--low-epochs", "2", "--high-epochs", "0",
@@ -81,6 +82,9 @@ def test_head_was_fitted_on_exactly_what_the_device_computes(built):
         np.testing.assert_array_equal(clf.features(rgb[i]), z["test"][i])
         # and the device's camera path (any frame -> prepared square) gives the same pixels
         np.testing.assert_array_equal(clf.prepare(src).rgb, rgb[i])
+        # the gate's code is kept beside each split's features: the report counts the retakes it makes
+        assert z["test_q"][i] == assess(src).code
+    assert {f"{p}_q" for p in ("train", "val", "test")} <= set(z.files)
 
 
 @pytest.mark.slow

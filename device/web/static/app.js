@@ -213,7 +213,8 @@
     ["sharpness", "Sharpness", function (v) { return v.toFixed(0); }],
     ["brightness", "Brightness", function (v) { return v.toFixed(0) + " / 255"; }],
     ["clipped", "Clipped pixels", function (v) { return pct(v, 1); }],
-    ["stained", "Stained area", function (v) { return pct(v, 2); }]
+    ["stained", "Stained area", function (v) { return pct(v, 2); }],
+    ["texture", "Texture scale", function (v) { return v > 0 ? v.toFixed(1) + " px" : "-"; }]
   ];
 
   function renderQuality(q) {
