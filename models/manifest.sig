@@ -1,7 +1,7 @@
 {
  "algorithm": "Ed25519",
- "key_id": "d57e1c4e34d13f89",
- "manifest_sha256": "22a36fb823aad1ea83c8d0b13506ceca80e89e6526236d354768d1bd9ef022eb",
- "signed": "2026-11-23T19:10:12+00:00",
- "signature": "4AvwDeGnhPHPXoLk2gQOvL7hqkstdg+jVmaFIT9SFwD6rsteWeo+33vcFeAGuZG3S30nkIgpt/rCjoAkVUBhDg=="
+ "key_id": "c2e6c01e4e9a8359",
+ "manifest_sha256": "7970b994085e560660dcaa9006f5726ea727c8703b4a6c9171eb23f4bc68fa82",
+ "signed": "2026-12-07T13:59:48+00:00",
+ "signature": "MyCRETT7EYdMXiPPoivV1F61Elge/MnGo/UR/8sFp/dagkuhOgsR44wucZmoMHdaZet7qv2IKzK9h56m3qDOAQ=="
 }
