@@ -127,19 +127,26 @@ def texture_px(g: np.ndarray, valid: np.ndarray | None = None, limit: int = TEXT
     are summed at lags 1, 2, ... until their mean drops below half the energy; the crossing is interpolated
     linearly. Cells set it: red cells and nuclei about 20-30 px across at the training magnification give
     4-11 px; the same cells at another objective or camera scale with it, sensor noise and text give ~1,
-    blank or smooth frames run to ``limit``. Only lags up to the crossing are computed (~0.3 ms).
+    blank or smooth frames run to ``limit``. Only lags up to the crossing are computed (~0.5 ms at 224 px).
     """
-    x = g.astype(np.float32)
-    if valid is not None:
-        x = np.where(valid, x - x[valid].mean(), np.float32(0)) if valid.any() else np.zeros_like(x)
-    else:
-        x = x - x.mean()
-    energy = float(np.vdot(x, x))
-    if energy <= 1e-6 * x.size:  # flat: no texture at any scale
+    h, w = g.shape
+    # Each row padded with ``limit`` zeros: in the flat array a horizontal lag never pairs two rows and a vertical
+    # lag is a whole number of padded rows, so every lag is one dot product of two contiguous views (no copies).
+    x = np.zeros((h, w + limit), np.float32)
+    lit = x[:, :w]
+    if valid is None:
+        lit[...] = g
+        lit -= lit.mean(dtype=np.float32)
+    elif valid.any():
+        v = g[valid].astype(np.float32)
+        lit[valid] = v - v.mean(dtype=np.float32)
+    flat, row = x.ravel(), w + limit
+    energy = float(np.dot(flat, flat))
+    if energy <= 1e-6 * h * w:  # flat: no texture at any scale
         return float(limit)
     prev = 1.0
     for k in range(1, limit + 1):
-        r = (float(np.vdot(x[:, :-k], x[:, k:])) + float(np.vdot(x[:-k], x[k:]))) / (2.0 * energy)
+        r = (float(np.dot(flat[:-k], flat[k:])) + float(np.dot(flat[:-k * row], flat[k * row:]))) / (2.0 * energy)
         if r < 0.5:
             return (k - 1) + (prev - 0.5) / (prev - r)
         prev = r
