@@ -1,12 +1,13 @@
 """Field scale, so another objective or camera is rescaled to the training scale.
 
 The scale is read from the field's texture (:func:`device.quality.texture_px`: the lag at which the
-grey image's autocorrelation falls to one half), which the cells set and which follows the magnification
-(x0.80 at x0.8, x1.21 at x1.25, x1.86 at x2 on the development images), with class medians of the
-training images within 5.6-7.0 px. It is expressed as a red-cell diameter in frame pixels: the texture
-scale times :data:`RBC_PER_TEXTURE`, the ratio of the training images' median red-cell diameter (31.2 px,
-by the isoperimetric estimate this module used before) to their median texture scale (6.4 px). Only the
-ratio of the camera's figure to the training images' enters the crop, so the constant cancels.
+grey image's autocorrelation falls to one half), which the cells set and which follows the
+magnification (in frame pixels x0.86 at x0.8, x1.24 at x1.25, x1.89 at x2: medians over 144 training
+images), with class medians of the training images within 5.6-7.0 px. It is expressed as a red-cell
+diameter in frame pixels: the texture scale times :data:`RBC_PER_TEXTURE`, the ratio of the training
+images' median red-cell diameter (31.2 px, by the isoperimetric estimate this module used before) to their
+median texture scale (6.4 px). Only the ratio of the camera's figure to the training images' enters the
+crop, so the constant cancels.
 
 (The isoperimetric red-cell estimate 4A/P it replaces varied with smear density, 11.5-46 px between
 classes of the development set, and mis-scaled the calibrated runs of the shift suite.)

@@ -48,7 +48,7 @@ class QualityThresholds:
     #: Fraction of pixels in solid stained (purple/violet/blue) nucleus blobs. Real images: >= 0.0038.
     min_stained: float = field(default=0.0015, metadata={"min": 0.0, "max": 1.0})
     #: Texture scale (:func:`texture_px`, px at the analysis size): the field's magnification as the cells show it;
-    #: it grows ~linearly with magnification (x1.21 at x1.25, x1.86 at x2). Set on the 432 validation images (never
+    #: it grows ~linearly with magnification (x1.24 at x1.25, x1.89 at x2). Set on the 432 validation images (never
     #: trained on; median 6.49): finer than the 0.25th percentile is a retake. A field is "coarser" only when its
     #: texture and that of its unstained part (red cells and plasma; median 4.86) both exceed 1.448x their medians,
     #: which 1% of the validation images do: a cluster of large blasts alone coarsens the first, not the second.
