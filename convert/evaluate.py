@@ -26,6 +26,12 @@ from device.status import Status
 log = logging.getLogger(__name__)
 
 
+def gate_codes(z, part: str) -> np.ndarray:
+    """The quality gate's codes of a split's images in a features file (files made before they were kept: all
+    passed)."""
+    return z[f"{part}_q"] if f"{part}_q" in z.files else np.array([QUALITY_OK] * len(z[part]))
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score 95% interval of k successes in n."""
     if n == 0:

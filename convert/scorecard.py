@@ -17,6 +17,7 @@ from convert.evaluate import (
     caught,
     duplicate_threshold,
     field_outcomes,
+    gate_codes,
     held_out,
     lsb_robustness,
     rate,
@@ -29,7 +30,6 @@ from convert.fit import OOD_VAL_REFER
 from convert.options import Options, load_part, paths
 from device.bundle import Thresholds
 from device.head import load_head
-from device.quality import OK as QUALITY_OK
 from device.slides import SlideRules
 from device.status import Status
 
@@ -67,8 +67,8 @@ def evaluate_all(o: Options) -> dict:
     torch.set_num_threads(2)
     _, x_te, _, _ = load_part(o, "test", size)
     cnn_pred = predict(net, x_te, size).argmax(1)
-    test = held_out(head, z["test"], y, benign, th, quality=_codes(z, "test"))
-    val = field_outcomes(head, z["val"], yv, th, benign, quality=_codes(z, "val"))
+    test = held_out(head, z["test"], y, benign, th, quality=gate_codes(z, "test"))
+    val = field_outcomes(head, z["val"], yv, th, benign, quality=gate_codes(z, "val"))
     flt = field_outcomes(head, z["test_float"], y, th, benign)
     rules = slide_rules(val)
     suite = shifts.suite()
@@ -110,17 +110,12 @@ def evaluate_all(o: Options) -> dict:
     return m
 
 
-def _codes(z, part: str) -> np.ndarray:
-    """The quality gate's codes of a split's images (work folders made before they were kept: all passed)."""
-    return z[f"{part}_q"] if f"{part}_q" in z.files else np.array([QUALITY_OK] * len(z[part]))
-
-
 def _same_decisions(a: dict, b: dict) -> int:
     return sum(sa == sb and pa == pb for sa, sb, pa, pb in zip(a["status"], b["status"], a["pred"], b["pred"]))
 
 
 def _ood(head, th, benign, zo, zs, suite, z) -> dict:
-    out = {"new-patient test": caught(head, th, benign, z["test"], _codes(z, "test"))}
+    out = {"new-patient test": caught(head, th, benign, z["test"], gate_codes(z, "test"))}
     for mode in ("calibrated", "none"):
         if f"bccd|{mode}" in zo.files:
             out[f"ood-bccd ({'calibrated' if mode == 'calibrated' else 'uncalibrated'})"] = caught(

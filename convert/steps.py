@@ -19,7 +19,6 @@ import numpy as np
 from convert import data
 from convert.options import WEIGHTS_FILE, Options, load_part, paths
 from device.bundle import MANIFEST, sha256_file
-from device.quality import OK as QUALITY_OK
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +276,7 @@ def head(o: Options) -> None:
     """mRMR + SVM on train; k, C, calibration, OOD method and threshold, decision thresholds on validation."""
     from dataclasses import asdict
 
+    from convert.evaluate import gate_codes
     from convert.fit import choose_k, choose_thresholds, compare_ood
     from device.head import save_head
 
@@ -290,7 +290,7 @@ def head(o: Options) -> None:
         xtr, ytr, xva, yva = z["train"], z["y_train"], z["val"], z["y_val"]
         sel = choose_k(xtr, ytr, xva, yva, criterion=o.criterion, seed=o.seed)
         idx = sel.ranking[:sel.k]
-        sets = {"in:validation": (xva, z["val_q"] if "val_q" in z.files else np.array([QUALITY_OK] * len(xva)))}
+        sets = {"in:validation": (xva, gate_codes(z, "val"))}
         for name in ("bccd|calibrated", "bccd|none", "synthetic"):
             if name in zo.files:
                 sets[name] = (zo[name], zo[name + "|q"])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -60,12 +60,10 @@ class QualityThresholds:
     max_unstained_texture_px: float = field(default=7.0, metadata={"min": 0.0, "max": float(TEXTURE_LIMIT)})
 
     def __post_init__(self) -> None:
-        if self.min_brightness >= self.max_brightness:
-            raise ValueError(f"quality.min_brightness = {self.min_brightness} must be below quality.max_brightness "
-                             f"= {self.max_brightness}")
-        if self.min_texture_px >= self.max_texture_px:
-            raise ValueError(f"quality.min_texture_px = {self.min_texture_px} must be below quality.max_texture_px "
-                             f"= {self.max_texture_px}")
+        for lo, hi in (("min_brightness", "max_brightness"), ("min_texture_px", "max_texture_px"),
+                       ("min_unstained_texture_px", "max_unstained_texture_px")):
+            if getattr(self, lo) >= getattr(self, hi):
+                raise ValueError(f"quality.{lo} = {getattr(self, lo)} must be below quality.{hi} = {getattr(self, hi)}")
 
 
 @dataclass(frozen=True)
@@ -92,8 +90,7 @@ class Quality:
 
     @classmethod
     def from_dict(cls, d: dict) -> Quality:
-        return cls(**{k: d[k] for k in ("ok", "code", "reason", "sharpness", "brightness", "clipped", "stained",
-                                         "texture", "unstained_texture") if k in d})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 def validate_frame(frame: object) -> str:

@@ -194,7 +194,13 @@ def test_figures_do_not_depend_on_the_camera_resolution() -> None:
 def test_thresholds_are_validated_and_quality_round_trips() -> None:
     with pytest.raises(ValueError, match="min_brightness"):
         QualityThresholds(min_brightness=200, max_brightness=100)
+    with pytest.raises(ValueError, match="min_texture_px = 12.0 must be below quality.max_texture_px"):
+        QualityThresholds(min_texture_px=12.0)
+    with pytest.raises(ValueError, match="min_unstained_texture_px = 8.0 must be below"):
+        QualityThresholds(min_unstained_texture_px=8.0)
     q = assess(synthetic_field(2))
     assert Quality.from_dict(q.to_dict()) == q
+    old = {k: v for k, v in q.to_dict().items() if "texture" not in k}  # a record made before the scale check
+    assert Quality.from_dict(old).texture == 0.0 and Quality.from_dict(old).sharpness == q.sharpness
     strict = QualityThresholds(min_sharpness=1e6)
     assert assess(synthetic_field(2), strict).code == BLUR
