@@ -73,10 +73,13 @@ def configured_source(res: Resolved, model_size: int | None = None) -> tuple[Cal
 
 
 def open_bundle(cfg: Config, res: Resolved) -> Verified:
-    """The configured bundle, verified (signature, hashes, model) and opened: what ``run`` and ``classify`` use."""
+    """The configured bundle, verified (signature, hashes, model) and opened: what ``run`` and ``classify`` use.
+
+    The signature is checked in a child process, so the service never holds ``cryptography`` in memory.
+    """
     return verify_bundle(res.model_dir, res.keys_dir, require_signature=cfg.model.require_signature,
                          threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu,
-                         references=False, rbc_diameter_px=cfg.camera.rbc_diameter_px)
+                         references=False, rbc_diameter_px=cfg.camera.rbc_diameter_px, signature_apart=True)
 
 
 def ensure_token(state_dir: Path, configured: str) -> str:

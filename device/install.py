@@ -84,20 +84,24 @@ class Verified:
 
 
 def verify_bundle(folder: Path, keys_dir: Path, *, require_signature: bool = True, threads: int = 1,
-                  use_edgetpu: bool = False, references: bool = True, rbc_diameter_px: float = 0.0) -> Verified:
+                  use_edgetpu: bool = False, references: bool = True, rbc_diameter_px: float = 0.0,
+                  signature_apart: bool = False) -> Verified:
     """Everything a bundle must pass before this box runs it; the first failure raises, naming what and why.
 
     Order: signature (who made it: nothing untrusted is parsed further), sha256 of every file + schema +
     head/manifest consistency (``load_bundle``), the model opened on this box's runtime and matched to the
     manifest, then the bundle's own reference images must give the decisions recorded in it.
+    ``signature_apart`` checks the signature in a child process (the long-running service: see
+    :func:`device.signing.verify_signature_apart`).
     """
     from device.classifier import Classifier
-    from device.signing import SignatureError, verify_signature
+    from device.signing import SignatureError, verify_signature, verify_signature_apart
 
     signed = None
     manifest = read_manifest(folder)  # a missing or broken manifest is reported as such, not as a bad signature
     try:
-        signed = verify_signature(folder, keys_dir, manifest)
+        signed = (verify_signature_apart(folder, keys_dir) if signature_apart
+                  else verify_signature(folder, keys_dir, manifest))
     except (SignatureError, RuntimeUnavailableError) as exc:
         if require_signature:
             raise

@@ -301,3 +301,30 @@ def test_kill_9_at_20_random_moments_during_install_leaves_one_complete_bundle_a
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out
     assert not [q for q in box["bundles"].iterdir() if q.name.startswith((".incoming", ".trash"))]
+
+
+def test_the_service_checks_the_signature_in_a_child_with_the_same_answer(box) -> None:
+    """``verify_signature_apart`` (what ``run`` uses) agrees with ``verify_signature`` on a good and a forged
+    bundle, and the process that opened the bundle never imported ``cryptography`` (its resident memory)."""
+    from device.signing import verify_signature_apart
+
+    good = make_bundle(box, "tiny-apart")
+    assert verify_signature_apart(good, box["keys"]) == verify_signature(good, box["keys"])
+    forged = make_bundle(box, "tiny-forged")
+    sig = json.loads((forged / SIGNATURE).read_text())
+    sig["signature"] = base64.b64encode(bytes(64)).decode()
+    (forged / SIGNATURE).write_text(json.dumps(sig))
+    with pytest.raises(SignatureError) as here:
+        verify_signature(forged, box["keys"])
+    with pytest.raises(SignatureError) as apart:
+        verify_signature_apart(forged, box["keys"])
+    assert str(apart.value) == str(here.value) and "forged or damaged" in str(apart.value)
+
+    cfg = box["cfg"].read_text().replace(f'dir = "{TINY}"', f'dir = "{good}"')
+    box["cfg"].write_text(cfg)
+    probe = ("import sys\nfrom device import config\nfrom device.app import open_bundle\n"
+             f"c = config.load({str(box['cfg'])!r})\nv = open_bundle(c, config.resolve(c, on_pi=False))\n"
+             "print(v.signed.key_id, 'cryptography' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [verify_signature(good, box["keys"]).key_id, "False"]
