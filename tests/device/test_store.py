@@ -47,6 +47,7 @@ def test_record_is_committed_before_it_returns_and_round_trips(store: ResultStor
         assert other.execute("SELECT count(*) FROM fields").fetchone()[0] == 1
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store._db.execute("PRAGMA cache_size").fetchone()[0] == -512  # KiB: a bounded page cache
     got = store.get(r.id)
     assert got == r
     img = store.image_file(r)
