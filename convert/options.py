@@ -94,3 +94,14 @@ def load_part(o: Options, part: str, size: int,
     x = data.load_rgb(Path(doc["data_root"]), items, size)
     y = np.array([classes.index(s.label) for s in items])
     return classes, x, y, items
+
+
+def kept_epoch(history: list[dict], size: int) -> int | None:
+    """The epoch kept: best validation balanced accuracy among the epochs at the shipped ``size`` (ties: later).
+
+    Histories written before balanced accuracy was recorded fall back to accuracy.
+    """
+    at_size = [h for h in history if h["size"] == size]
+    if not at_size:
+        return None
+    return max(at_size, key=lambda h: (h.get("val_bacc", h["val_acc"]), h["epoch"]))["epoch"]

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from convert import figures
-from convert.options import CURVES_FILE, FIGURES_DIR, HISTORY_FILE, REPORT_FILE, Options, paths
+from convert.options import CURVES_FILE, FIGURES_DIR, HISTORY_FILE, REPORT_FILE, Options, kept_epoch, paths
 
 
 def _pct(x: float | None) -> str:
@@ -36,6 +36,33 @@ def _figures(o: Options, fig: Path, manifest: dict, m: dict) -> list[dict]:
     return json.loads(history.read_text()) if history.exists() else []
 
 
+def training_text(c: dict, hist: list[dict]) -> str:
+    """The recipe as the report states it: configuration ``c`` and the epochs this build ran (``hist``)."""
+    txt = (f"**DarkNet19** (19 conv, 5 max-pool, BN, LeakyReLU 0.1; 1000-d global-pooled features), trained from "
+           f"scratch on the CPU: SGD momentum {c['momentum']:g}, L2 {c['weight_decay']:g}, batch {c['batch']}; "
+           f"first cycle: cosine LR from {c['lr']:g}, {c['low_epochs']} epochs at {c['low_size']} px then "
+           f"{c['high_epochs']} at {c['size']} px")
+    tune = c.get("tune_epochs", 0)
+    if tune:
+        txt += (f"; tune stage: {tune} epochs at {c['size']} px with a class-balanced cross-entropy (class weights "
+                f"n / (K n_class): every class weighs as much as if the classes were balanced), cosine LR from "
+                f"{c['tune_lr']:g} after a one-epoch warm-up")
+    given = [h for h in hist if h.get("given")]
+    if given:
+        txt += (f". This build took the first cycle from the committed weights of the recipe before the tune stage "
+                f"(`models/source/` then; validation accuracy {_pct(given[0]['val_acc'])}, balanced "
+                f"{_pct(given[0]['val_bacc'])}; their optimizer momentum was not kept) and ran the tune stage")
+    kept = kept_epoch(hist, c["size"])
+    if kept is not None:
+        h = next(h for h in hist if h["epoch"] == kept)
+        return (txt + f"; kept epoch {kept} by validation balanced accuracy (mean per-class recall) "
+                f"{_pct(h.get('val_bacc', h['val_acc']))}, accuracy {_pct(h['val_acc'])}" +
+                (" (the given first cycle: no tune epoch did better)." if h.get("given") else "."))
+    return (txt + ". This build reused the committed weights (`models/source/`), so its work folder holds their "
+            "configuration but not their per-epoch history; the training curves below are those of the run that "
+            "trained them.")
+
+
 def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, float]) -> None:
     hist = _figures(o, out / FIGURES_DIR, manifest, m)
     q, t, sel, s = manifest["quantization"], m["test"], m["selection"], manifest["split"]
@@ -61,19 +88,7 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
       "The test split is read once, by the evaluation that writes this report.\n")
     a("## Method\n")
     c = m["training"]["config"]
-    if hist:
-        kept = max((h for h in hist if h["size"] == max(x["size"] for x in hist)), key=lambda h: h["val_acc"])
-        lr, low, high = f"{hist[0]['lr']:.3g}", sum(h["size"] != c["size"] for h in hist), sum(
-            h["size"] == c["size"] for h in hist)
-        how = f"; kept epoch {kept['epoch']} (validation accuracy {_pct(kept['val_acc'])})."
-    else:  # weights reused (models/source): the work folder has their configuration, not their epochs
-        lr, low, high = f"{c['lr']:g}", c["low_epochs"], c["high_epochs"]
-        how = (". This build reused the committed weights (`models/source/`), so its work folder holds their "
-               "configuration but not their per-epoch history; the training curves below are those of the run that "
-               "trained them.")
-    a(f"1. **DarkNet19** (19 conv, 5 max-pool, BN, LeakyReLU 0.1; 1000-d global-pooled features), trained from "
-      f"scratch on the CPU: SGD momentum {c['momentum']:g}, L2 {c['weight_decay']:g}, cosine LR from {lr}, batch "
-      f"{c['batch']}, {low} epochs at {c['low_size']} px then {high} at {c['size']} px" + how)
+    a("1. " + training_text(c, hist))
     a("2. **Augmentation** covering the shift families below: flips, rotations, magnification x0.8-1.25, shear, "
       "stain in optical-density space, RGB gains, hue +-20 deg, saturation, gamma, defocus, sensor noise, JPEG 30-90 "
       "and the eyepiece's dark surround; then every image goes through `device.preprocess.prepare`, the same code "

@@ -105,7 +105,7 @@ def train(o: Options, cfg) -> None:
         ytr = np.array([classes.index(s.label) for s in parts["train"]])
         _, xva, yva, _ = load_part(o, "val", cfg.size)
         t0 = time.time()
-        net = train_net(cfg, src, ytr, xva, yva, len(classes), pp.train_dir)
+        net = train_net(cfg, src, ytr, xva, yva, len(classes), pp.train_dir, first_cycle=committed_first_cycle(o, cfg))
         torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()},
                     "classes": classes, "width": cfg.width,
                     "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
@@ -119,6 +119,35 @@ def train(o: Options, cfg) -> None:
     run_step(o, "train", [pp.split], [pp.weights], params, go)
 
 
+def _committed_weights(o: Options) -> dict | None:
+    """The committed weights file's contents when they were trained on this work folder's split."""
+    import torch
+
+    src, manifest = Path(o.models) / WEIGHTS_FILE, Path(o.models) / MANIFEST
+    if not src.exists() or not manifest.exists():
+        return None
+    _, parts, _ = data.read_split(paths(o).split)
+    if json.loads(manifest.read_text()).get("split", {}).get("hash") != data.split_hash(parts):
+        log.info("committed weights %s not used: trained on another split", src)
+        return None
+    return torch.load(src, map_location="cpu", weights_only=False)
+
+
+def committed_first_cycle(o: Options, cfg) -> dict | None:
+    """The committed weights as the tune stage's start, when they are this recipe's first cycle.
+
+    They are when their configuration is ``cfg`` without the tune stage (the recipe before it): then the
+    80 CPU-minutes of the first cycle are not run again. ``--force`` trains from scratch regardless.
+    """
+    if o.force or not cfg.tune_epochs or (w := _committed_weights(o)) is None:
+        return None
+    if w.get("config") != cfg.first_cycle():
+        return None
+    print(f"train: the committed weights {Path(o.models) / WEIGHTS_FILE} are this recipe's first cycle; "
+          f"training the {cfg.tune_epochs}-epoch tune stage from them")
+    return {k: v.float() if v.is_floating_point() else v for k, v in w["model"].items()}
+
+
 def reuse_committed_weights(o: Options, params: dict) -> bool:
     """Take ``models/source/darknet19-fp16.pt`` instead of retraining (90 minutes on a CPU).
 
@@ -127,14 +156,9 @@ def reuse_committed_weights(o: Options, params: dict) -> bool:
     """
     import shutil
 
-    import torch
-
-    src, manifest = Path(o.models) / WEIGHTS_FILE, Path(o.models) / MANIFEST
-    if not src.exists() or not manifest.exists():
-        return False
-    _, parts, _ = data.read_split(paths(o).split)
-    same_split = json.loads(manifest.read_text()).get("split", {}).get("hash") == data.split_hash(parts)
-    same_cfg = torch.load(src, map_location="cpu", weights_only=False).get("config") == params
+    src = Path(o.models) / WEIGHTS_FILE
+    w = _committed_weights(o)
+    same_split, same_cfg = w is not None, w is not None and w.get("config") == params
     if not (same_split and same_cfg):
         log.info("committed weights %s not reused (same split: %s, same config: %s)", src, same_split, same_cfg)
         return False

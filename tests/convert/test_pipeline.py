@@ -18,7 +18,7 @@ from device.quality import assess
 from device.reference import check_references
 
 ARGS = ["--width", "0.125", "--size", "64", "--low-size", "64", "--low-epochs", "2", "--high-epochs", "0",
-        "--batch", "8", "--block", "2", "--test-fraction", "0.25", "--val-fraction", "0.25", "--calib", "24",
+        "--tune-epochs", "1", "--batch", "8", "--block", "2", "--test-fraction", "0.25", "--val-fraction", "0.25", "--calib", "24",
         "--folds", "3"]
 
 
@@ -122,3 +122,32 @@ def test_committed_weights_are_reused_instead_of_retraining(built, smear_dir, ca
 
     params = torch.load(tmp / "models" / "source" / "darknet19-fp16.pt", weights_only=False)["config"]
     assert not reuse_committed_weights(o, {**params, "low_epochs": params["low_epochs"] + 1})
+
+
+@pytest.mark.slow
+def test_weights_of_the_recipe_before_the_tune_stage_start_the_tune_stage(built, smear_dir, capsys):
+    """Committed weights whose config is this recipe's first cycle: only the tune stage runs, and they are a
+    candidate for the kept epoch (written to the history as the given epoch)."""
+    import shutil
+
+    import torch
+
+    from convert.report import training_text
+
+    tmp, _ = built
+    models = tmp / "models-first-cycle"
+    shutil.copytree(tmp / "models", models)
+    w = models / "source" / "darknet19-fp16.pt"
+    state = torch.load(w, weights_only=False)
+    state["config"] = {k: v for k, v in state["config"].items() if not k.startswith("tune_")}
+    torch.save(state, w)
+    work = tmp / "tune-work"
+    base = ["--data", str(smear_dir), "--work", str(work), "--models", str(models), *ARGS]
+    assert cli.main(["split", *base]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", *base]) == 0
+    assert "are this recipe's first cycle; training the 1-epoch tune stage" in capsys.readouterr().out
+    hist = json.loads((work / "train" / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [2, 3] and hist[0]["given"] and "val_bacc" in hist[1]
+    report_line = training_text({**state["config"], "tune_epochs": 1, "tune_lr": 0.004}, hist)
+    assert "took the first cycle from the committed weights" in report_line and "kept epoch" in report_line
