@@ -18,8 +18,8 @@ from device.quality import assess
 from device.reference import check_references
 
 ARGS = ["--width", "0.125", "--size", "64", "--low-size", "64", "--low-epochs", "2", "--high-epochs", "0",
-        "--tune-epochs", "1", "--batch", "8", "--block", "2", "--test-fraction", "0.25", "--val-fraction", "0.25", "--calib", "24",
-        "--folds", "3"]
+        "--tune-epochs", "1", "--batch", "8", "--block", "2", "--test-fraction", "0.25", "--val-fraction", "0.25",
+        "--calib", "24", "--folds", "3"]
 
 
 @pytest.fixture(scope="module")
