@@ -105,8 +105,8 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
       f"one SE of the best): **k = {sel['k']}** of 1000, C = {sel['C']} (best validation accuracy "
       f"{_pct(sel['best_val_accuracy'])}, SE {_pct(sel['one_se'])}; the paper keeps 521). `figures/mrmr_k.png`.")
     a(f"5. **Head**: standardisation + linear SVM on train; per-class Platt sigmoids fitted on validation scores; "
-      f"out-of-distribution score **{m['ood_method']}** (chosen below), threshold at the validation split's 98th "
-      f"percentile.")
+      f"out-of-distribution score **{m['ood_method']}** (chosen below), threshold at the validation split's "
+      f"{100 * (1 - m.get('ood_val_refer', 0.02)):g}th percentile.")
     a(f"6. **Decision rule** (thresholds chosen on validation): OOD -> refer; an ALL subtype needs confidence >= "
       f"{th['confidence']}; **Benign needs >= {th['benign_confidence']}** (above every validation ALL field the "
       f"head called benign); otherwise P(ALL) >= {th['all_probability']} raises the ALL alert with the subtype "
