@@ -8,6 +8,7 @@ from pathlib import Path
 
 from convert import figures
 from convert.options import CURVES_FILE, FIGURES_DIR, HISTORY_FILE, REPORT_FILE, Options, kept_epoch, paths
+from convert.train import describe_augmentation
 
 
 def _pct(x: float | None) -> str:
@@ -89,9 +90,12 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
     a("## Method\n")
     c = m["training"]["config"]
     a("1. " + training_text(c, hist))
-    a("2. **Augmentation** covering the shift families below: flips, rotations, magnification x0.8-1.25, shear, "
-      "stain in optical-density space, RGB gains, hue +-20 deg, saturation, gamma, defocus, sensor noise, JPEG 30-90 "
-      "and the eyepiece's dark surround; then every image goes through `device.preprocess.prepare`, the same code "
+    tune = (f"; the tune stage at {c['tune_shift_strength']:g}x: {describe_augmentation(c['tune_shift_strength'])}"
+            if c.get("tune_epochs") else "")
+    a(f"2. **Augmentation** covering the shift families below: flips, rotations, shear, defocus, JPEG 30-90, the "
+      f"eyepiece's dark surround, and at the first cycle's strength {c['shift_strength']:g}: "
+      f"{describe_augmentation(c['shift_strength'])}{tune}. Then every image goes through "
+      "`device.preprocess.prepare`, the same code "
       "as the Pi: find the lit field (eyepiece disc or whole frame), fill outside it with the background colour, "
       "normalise colour so the slide background is neutral grey.")
     a(f"3. **ONNX** export (BN folded; max |ONNX - PyTorch| {q['onnx_vs_torch_max_abs_diff']:.3g}), then full-integer "

@@ -51,8 +51,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     width: float = 1.0
     seed: int = 0
-    #: Augmentation strength (the first cycle): 1.0 gives stain x0.75-1.25, gamma 0.78-1.28, noise sd <= 6;
-    #: 0 turns colour/blur/JPEG off.
+    #: Augmentation strength of the first cycle (:data:`AUG` at 1.0: stain x0.75-1.25, gamma 0.78-1.28, noise
+    #: sd <= 6); 0 turns colour/blur/JPEG off.
     shift_strength: float = 1.0
     #: The tune stage: epochs at ``size`` after the first cycle, class-balanced loss, cosine from ``tune_lr``.
     tune_epochs: int = 6
@@ -109,6 +109,24 @@ def balanced_accuracy(pred: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
 
 
+#: Augmentation ranges at strength 1 (each scales with the strength): magnification x(1 +- zoom), stain amount
+#: x(1 +- stain) per channel in optical density, RGB gains 1 +- gains, hue +- hue_deg, saturation
+#: 1 +- saturation, gamma exp(+- log_gamma), sensor noise sd up to noise_sd (grey levels).
+AUG = {"zoom": 0.25, "stain": 0.25, "gains": 0.15, "hue_deg": 20.0, "saturation": 0.35, "log_gamma": 0.25,
+       "noise_sd": 6.0}
+
+
+def describe_augmentation(strength: float) -> str:
+    """The ranges :data:`AUG` gives at ``strength``, as the report states them."""
+    st = strength
+    z = 1 + AUG["zoom"] * max(st, 0.4)
+    return (f"magnification x{1 / z:.2f}-{z:.2f}, stain x{1 - AUG['stain'] * st:.2f}-{1 + AUG['stain'] * st:.2f} "
+            f"in optical density, RGB gains +-{AUG['gains'] * st:.2f}, hue +-{AUG['hue_deg'] * st:g} deg, saturation "
+            f"x{1 - AUG['saturation'] * st:.2f}-{1 + AUG['saturation'] * st:.2f}, gamma "
+            f"{math.exp(-AUG['log_gamma'] * st):.2f}-{math.exp(AUG['log_gamma'] * st):.2f}, sensor noise sd <= "
+            f"{AUG['noise_sd'] * st:g}")
+
+
 def _u(gen: torch.Generator, n: int, lo: float, hi: float, *shape: int) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
 
@@ -118,12 +136,12 @@ def _maybe(gen: torch.Generator, n: int, p: float) -> torch.Tensor:
 
 
 def augment_geometry(x: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor:
-    """90-degree rotations, flips, zoom (magnification +-25%), shear, shift; ``x`` (N,3,H,W) 0..255."""
+    """90-degree rotations, flips, zoom (magnification), shear, shift; ``x`` (N,3,H,W) 0..255."""
     n = x.shape[0]
     x = torch.rot90(x, int(torch.randint(0, 4, (1,), generator=gen)), dims=(2, 3))
     flip = torch.rand(n, generator=gen) < 0.5
     x[flip] = x[flip].flip(3)
-    zoom = torch.exp(_u(gen, n, -1, 1) * math.log(1 + 0.25 * max(strength, 0.4)))
+    zoom = torch.exp(_u(gen, n, -1, 1) * math.log(1 + AUG["zoom"] * max(strength, 0.4)))
     shear = _u(gen, n, -0.1, 0.1)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = 1 / zoom
@@ -142,21 +160,23 @@ def augment_colour(x: torch.Tensor, gen: torch.Generator, strength: float) -> to
     # Stain amount and hue per channel in optical-density space (Beer-Lambert): OD = -log(I / I0).
     od = -torch.log((x + 1) / 256)
     m = _maybe(gen, n, 0.8)[:, None, None, None]
-    alpha = 1 + m * _u(gen, n, -0.25 * st, 0.25 * st, 3, 1, 1)
+    alpha = 1 + m * _u(gen, n, -AUG["stain"] * st, AUG["stain"] * st, 3, 1, 1)
     beta = m * _u(gen, n, -0.05 * st, 0.05 * st, 3, 1, 1)
     x = (256 * torch.exp(-(od * alpha + beta)) - 1)
     # Colour balance (RGB gains): the background normalisation removes most of it, not where clipped.
-    x = x * (1 + _maybe(gen, n, 0.5)[:, None, None, None] * _u(gen, n, -0.15 * st, 0.15 * st, 3, 1, 1))
+    x = x * (1 + _maybe(gen, n, 0.5)[:, None, None, None] * _u(gen, n, -AUG["gains"] * st, AUG["gains"] * st, 3, 1, 1))
     # Hue rotation about the grey axis and saturation.
-    ang = _maybe(gen, n, 0.5) * _u(gen, n, -math.radians(20) * st, math.radians(20) * st)
+    ang = _maybe(gen, n, 0.5) * _u(gen, n, -math.radians(AUG["hue_deg"]) * st, math.radians(AUG["hue_deg"]) * st)
     rot = torch.from_numpy(np.stack([hue_matrix(float(a)) for a in ang])).float()
     x = torch.einsum("nij,njhw->nihw", rot, x)
     grey = x.mean(1, keepdim=True)
-    sat = 1 + _maybe(gen, n, 0.5)[:, None, None, None] * _u(gen, n, -0.35 * st, 0.35 * st, 1, 1, 1)
+    ds = AUG["saturation"] * st
+    sat = 1 + _maybe(gen, n, 0.5)[:, None, None, None] * _u(gen, n, -ds, ds, 1, 1, 1)
     x = grey + sat * (x - grey)
     # Exposure: gamma and brightness.
     x = x.clamp(0, 255)
-    gamma = torch.exp(_maybe(gen, n, 0.5) * _u(gen, n, -0.25 * st, 0.25 * st))[:, None, None, None]
+    lg = AUG["log_gamma"] * st
+    gamma = torch.exp(_maybe(gen, n, 0.5) * _u(gen, n, -lg, lg))[:, None, None, None]
     gain = 1 + _maybe(gen, n, 0.5)[:, None, None, None] * _u(gen, n, -0.15 * st, 0.1 * st, 1, 1, 1)
     x = 255 * (x / 255) ** gamma * gain
     # Slight defocus: a Gaussian blur, sigma up to 1.2 px, on a third of the images.
@@ -172,7 +192,7 @@ def augment_colour(x: torch.Tensor, gen: torch.Generator, strength: float) -> to
         xs = F.conv2d(F.pad(xs, (0, 0, 3, 3), mode="reflect"), kk[:, None, :, None], groups=n * 3)
         x = xs.reshape(x.shape)
     # Sensor noise.
-    noise = _maybe(gen, n, 0.3)[:, None, None, None] * _u(gen, n, 0, 6 * st, 1, 1, 1)
+    noise = _maybe(gen, n, 0.3)[:, None, None, None] * _u(gen, n, 0, AUG["noise_sd"] * st, 1, 1, 1)
     x = x + noise * torch.randn(x.shape, generator=gen)
     return x.clamp(0, 255)
 
