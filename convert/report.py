@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 from convert import figures
+from convert.augment import describe_augmentation
 from convert.options import CURVES_FILE, FIGURES_DIR, HISTORY_FILE, REPORT_FILE, Options, kept_epoch, paths
-from convert.train import describe_augmentation
 
 
 def _pct(x: float | None) -> str:

@@ -7,7 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
+from convert.augment import AUG, describe_augmentation
 from convert.options import kept_epoch
+from convert.shifts import suite
 from convert.train import TrainConfig, balanced_accuracy, class_weights
 
 
@@ -57,3 +59,20 @@ def test_the_kept_epoch_is_the_best_balanced_one_at_the_shipped_size_ties_later(
     assert kept_epoch(h[:2], 224) == 2
     assert kept_epoch(h[:1], 224) is None
     assert kept_epoch([{"epoch": 5, "size": 224, "val_acc": 0.9}], 224) == 5  # older histories: accuracy
+
+
+def test_the_tune_stage_augments_past_every_moderate_shift() -> None:
+    """The shift suite's moderate strengths lie inside the tune stage's augmentation ranges (issue 10)."""
+    st = TrainConfig().tune_shift_strength
+    moderate = {(s.family, s.variant): s.params["moderate"] for s in suite()}
+    gamma = [v for (f, _), v in moderate.items() if f.startswith("brightness")]
+    assert all(abs(np.log(g)) <= AUG["log_gamma"] * st for g in gamma) and len(gamma) == 2
+    assert moderate[("stain (optical density)", "heavier")] <= AUG["stain"] * st
+    assert all(v <= AUG["gains"] * st for (f, _), v in moderate.items() if f.startswith("colour balance"))
+    assert all(abs(v) <= AUG["hue_deg"] * st for (f, _), v in moderate.items() if f == "hue")
+    assert all(abs(v - 1) <= AUG["saturation"] * st for (f, _), v in moderate.items() if f == "saturation")
+    assert moderate[("sensor noise", "")] <= AUG["noise_sd"] * st
+    assert all(max(v, 1 / v) <= 1 + AUG["zoom"] * st for (f, _), v in moderate.items() if f == "magnification")
+    assert "gamma 0.69-1.45" in describe_augmentation(st)
+    # the first cycle's ranges did not reach darker gamma x1.43 (what the tune stage's strength is for)
+    assert np.log(max(gamma)) > AUG["log_gamma"] * TrainConfig().shift_strength
