@@ -1,7 +1,7 @@
 {
  "algorithm": "Ed25519",
  "key_id": "c2e6c01e4e9a8359",
- "manifest_sha256": "7970b994085e560660dcaa9006f5726ea727c8703b4a6c9171eb23f4bc68fa82",
- "signed": "2026-12-07T13:59:48+00:00",
- "signature": "MyCRETT7EYdMXiPPoivV1F61Elge/MnGo/UR/8sFp/dagkuhOgsR44wucZmoMHdaZet7qv2IKzK9h56m3qDOAQ=="
+ "manifest_sha256": "72da18813d05fa857392660e5373d3b5433e4814fe4b9695f8f522e4e5c5fd24",
+ "signed": "2026-12-07T16:31:57+00:00",
+ "signature": "c+agOmZ23mSHqE4XeZL/PnEQ0QjJa7V7Y0IENJ+P7VU+NioTLROFOw5zZxv6yS39dIfy4BuYIQrFSRe3dWfcCQ=="
 }
