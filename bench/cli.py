@@ -293,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         results["notes"].append(f"{args.threads} threads on {os.cpu_count()} cores: oversubscribed.")
     results["notes"].append("MB = 10^6 bytes. Every ratio's two figures come from this run.")
     if "memory" in wanted:
-        results["notes"].append("Reading RSS growth: SQLite's page cache (2 MB per connection by default) fills as "
-                                "the database grows (under 1 KB per field), and RSS moves by about 1 MB either way "
+        results["notes"].append("Reading RSS growth: SQLite's page cache (512 KiB per connection, "
+                                "device/store/schema.py) fills as the database grows (under 1 KB per field), and "
+                                "RSS moves by about 1 MB either way "
                                 "between samples, so growth of that size over 1,000 fields does not by itself prove "
                                 "a leak; a longer run (e.g. the 10,000-field soak) tells a leak from a filling cache.")
     js, md = report.write(results, args.out)
