@@ -137,7 +137,7 @@ def committed_first_cycle(o: Options, cfg) -> dict | None:
     """The committed weights as the tune stage's start, when they are this recipe's first cycle.
 
     They are when their configuration is ``cfg`` without the tune stage (the recipe before it): then the
-    80 CPU-minutes of the first cycle are not run again. ``--force`` trains from scratch regardless.
+    first cycle (49 minutes when it was trained, 2 cores) is not run again. ``--force`` trains from scratch.
     """
     if o.force or not cfg.tune_epochs or (w := _committed_weights(o)) is None:
         return None
@@ -158,9 +158,10 @@ def reuse_committed_weights(o: Options, params: dict) -> bool:
 
     src = Path(o.models) / WEIGHTS_FILE
     w = _committed_weights(o)
-    same_split, same_cfg = w is not None, w is not None and w.get("config") == params
-    if not (same_split and same_cfg):
-        log.info("committed weights %s not reused (same split: %s, same config: %s)", src, same_split, same_cfg)
+    if w is None:
+        return False
+    if w.get("config") != params:
+        log.info("committed weights %s not reused: trained with another configuration", src)
         return False
     shutil.copyfile(src, paths(o).weights)
     print(f"train: reusing the committed weights {src} (same split and config); pass --force to retrain")

@@ -3,16 +3,14 @@
 SGD with momentum 0.9, L2 1e-4, a cosine learning-rate schedule after a one-epoch warm-up.
 CPU-friendly progressive resizing: most epochs at a low resolution, the last ones at the shipped
 224 px so batch-norm statistics match deployment. Then a second, shorter cosine cycle at 224 px with a
-class-balanced loss (the *tune* stage): benign fields are the rarest class (15% of train) and the one a
-new patient gets wrong most, and the fine detail that tells a hematogone from a blast is only there at
-224 px. The epoch kept is the one with the best balanced accuracy (mean per-class recall) on the
+class-balanced loss and stronger augmentation (the *tune* stage): benign fields are the rarest class
+(15% of train) and the one new patients get wrong most (REPORT.md, benign specificity), and the first
+cycle's augmentation did not reach every moderate shift. The epoch kept is the one with the best balanced accuracy (mean per-class recall) on the
 validation split (never the test split). Every epoch is checkpointed; a re-run resumes.
 
-Every training image goes through the device's own :func:`device.preprocess.prepare` after
-augmentation (:mod:`convert.augment`), exactly as a camera frame does on the Pi: augmentation imitates what another lab,
-microscope or camera does to a field (stain, colour balance, hue, saturation, exposure, focus,
-magnification, JPEG, sensor noise, the eyepiece's dark surround); ``prepare`` then removes what it can
-(colour balance via the background, the surround) and the network learns to ignore the rest.
+Every training image is augmented (:mod:`convert.augment`: what another lab, microscope or camera does
+to a field) and then goes through the device's own :func:`device.preprocess.prepare`, exactly as a
+camera frame does on the Pi.
 """
 
 from __future__ import annotations
