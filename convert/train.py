@@ -5,8 +5,9 @@ CPU-friendly progressive resizing: most epochs at a low resolution, the last one
 224 px so batch-norm statistics match deployment. Then a second, shorter cosine cycle at 224 px with a
 class-balanced loss and stronger augmentation (the *tune* stage): benign fields are the rarest class
 (15% of train) and the one new patients get wrong most (REPORT.md, benign specificity), and the first
-cycle's augmentation did not reach every moderate shift. The epoch kept is the one with the best balanced accuracy (mean per-class recall) on the
-validation split (never the test split). Every epoch is checkpointed; a re-run resumes.
+cycle's augmentation did not reach every moderate shift. The epoch kept is the one with the best
+balanced accuracy (mean per-class recall) on the validation split (never the test split). Every epoch
+is checkpointed; a re-run resumes.
 
 Every training image is augmented (:mod:`convert.augment`: what another lab, microscope or camera does
 to a field) and then goes through the device's own :func:`device.preprocess.prepare`, exactly as a
