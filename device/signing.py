@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from device.bundle import MANIFEST, canonical_manifest, read_manifest
-from device.errors import BundleError
+from device.errors import BundleError, RuntimeUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,6 @@ def _crypto():
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError as exc:
-        from device.errors import RuntimeUnavailableError
-
         raise RuntimeUnavailableError("the 'cryptography' package is missing, so bundle signatures cannot be "
                                       "checked; on Raspberry Pi OS: sudo apt install python3-cryptography "
                                       "(or pip install cryptography)") from exc
@@ -170,7 +168,7 @@ def verify_signature(bundle_dir: str | Path, keys_dir: Path, manifest: dict | No
 
 
 #: What the child of :func:`verify_signature_apart` may raise, by name, so the parent raises the same class.
-_APART_ERRORS = {"SignatureError": SignatureError, "BundleError": BundleError}
+_APART_ERRORS = {e.__name__: e for e in (SignatureError, BundleError, RuntimeUnavailableError)}
 
 
 def verify_signature_apart(bundle_dir: str | Path, keys_dir: Path, timeout_s: float = 60.0) -> Signed:
@@ -178,9 +176,6 @@ def verify_signature_apart(bundle_dir: str | Path, keys_dir: Path, timeout_s: fl
 
     A child costs about 0.2 s once at start-up; the service then never maps ``cryptography``.
     """
-    from device.errors import RuntimeUnavailableError
-
-    errors = {**_APART_ERRORS, "RuntimeUnavailableError": RuntimeUnavailableError}
     package_root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "device.signing", str(bundle_dir), str(keys_dir)]
@@ -193,20 +188,18 @@ def verify_signature_apart(bundle_dir: str | Path, keys_dir: Path, timeout_s: fl
         raise SignatureError(f"{bundle_dir}: the signature check's child process gave no answer ({exc}; {stderr}); "
                              f"run `python -m device.signing {bundle_dir} {keys_dir}` to see why") from exc
     if "error" in doc:
-        raise errors.get(doc["error"], SignatureError)(doc["message"])
+        raise _APART_ERRORS.get(doc["error"], SignatureError)(doc["message"])
     return Signed(doc["key_id"], Path(doc["key_path"]), doc["manifest_sha256"], doc["signed"])
 
 
 def _verify_main(argv: list[str]) -> int:
     """``python -m device.signing BUNDLE_DIR KEYS_DIR``: one JSON line, the signature or the error."""
-    from device.errors import RuntimeUnavailableError
-
     if len(argv) != 2:
         print("usage: python -m device.signing BUNDLE_DIR KEYS_DIR", file=sys.stderr)
         return 2
     try:
         signed = verify_signature(argv[0], Path(argv[1]))
-    except (SignatureError, BundleError, RuntimeUnavailableError) as exc:
+    except tuple(_APART_ERRORS.values()) as exc:
         print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
         return 1
     print(json.dumps({k: str(v) for k, v in asdict(signed).items()}))
