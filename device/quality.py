@@ -66,6 +66,10 @@ class QualityThresholds:
                 raise ValueError(f"quality.{lo} = {getattr(self, lo)} must be below quality.{hi} = {getattr(self, hi)}")
 
 
+#: The figures :func:`figures` returns, in its order: the float fields of :class:`Quality`.
+FIGURES = ("sharpness", "brightness", "clipped", "stained", "texture", "unstained_texture")
+
+
 @dataclass(frozen=True)
 class Quality:
     """The figures and the gate's decision for one frame."""
@@ -81,8 +85,7 @@ class Quality:
     unstained_texture: float = 0.0
 
     def figures(self) -> dict[str, float]:
-        return {"sharpness": self.sharpness, "brightness": self.brightness, "clipped": self.clipped,
-                "stained": self.stained, "texture": self.texture, "unstained_texture": self.unstained_texture}
+        return {k: getattr(self, k) for k in FIGURES}
 
     def to_dict(self) -> dict:
         """``dataclasses.asdict`` (every field is a plain value), without its recursive copy."""
@@ -235,9 +238,9 @@ def gate(frame: object, size: int, th: QualityThresholds = QualityThresholds(), 
 
 def assess_prepared(prep: Prepared, th: QualityThresholds = QualityThresholds()) -> Quality:
     """The gate. Checks in the order a technician fixes them: exposure, focus, then the field."""
-    sharp, bright, clipped, stained, texture, unstained = figures(prep)
-    figs = {"sharpness": sharp, "brightness": bright, "clipped": clipped, "stained": stained, "texture": texture,
-            "unstained_texture": unstained}
+    values = figures(prep)
+    sharp, bright, clipped, stained, texture, unstained = values
+    figs = dict(zip(FIGURES, values, strict=True))
     if not all(math.isfinite(v) for v in figs.values()):  # pragma: no cover - uint8 input cannot do this
         return Quality(False, INVALID, "frame figures are not finite; the camera sent garbage", **figs)
     if bright < th.min_brightness:
