@@ -147,19 +147,25 @@ class LedDriver:
             self._pattern = pattern
         self.render(self.clock())
 
-    def render(self, t: float) -> None:
-        p = self._pattern
-        outs = [(self.green, p.green), (self.amber, p.amber), (self.red, p.red)]
-        if self.buzzer is not None:
-            outs.append((self.buzzer, p.buzzer))
+    def render(self, t: float) -> tuple[bool, ...]:
+        """Set the lights as they are at time ``t``; returns (green, amber, red[, buzzer]) as read back from
+        the pins under the same lock, so another thread's render cannot slip between setting and reading."""
         with self._lock:
+            p = self._pattern
+            outs = [(self.green, p.green), (self.amber, p.amber), (self.red, p.red)]
+            if self.buzzer is not None:
+                outs.append((self.buzzer, p.buzzer))
+            read: list[bool] = []
             for dev, light in outs:
                 try:
                     want = level(light, t, self.blink_s)
                     if bool(dev.value) != want:
                         dev.value = want
+                    read.append(bool(dev.value))
                 except Exception as exc:  # a closed device during shutdown, a GPIO glitch
                     log.debug("led render: %s", exc)
+                    read.append(False)
+            return tuple(read)
 
     def _tick(self) -> None:
         step = self.blink_s / 4

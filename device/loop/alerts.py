@@ -12,6 +12,7 @@ Its state is guarded by the board's lock; the LEDs and the notifier are called a
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -60,6 +61,9 @@ class Alerts:
         self.alarm = False  # ALL seen and not acknowledged
         self.verdict: str | None = None  # the last camera field, as the lights know it
         self._faults: dict[str, Fault] = {}
+        # Threads call show() concurrently; computing and showing under one lock means the last show() to
+        # finish lit the newest state, never a pattern computed earlier by a slower thread.
+        self._show_lock = threading.Lock()
 
     # -- the LEDs --------------------------------------------------------------------------------------------
 
@@ -76,7 +80,8 @@ class Alerts:
         if self.leds is None:
             return
         try:
-            self.leds.show(self.pattern())
+            with self._show_lock:
+                self.leds.show(self.pattern())
         except Exception:  # a GPIO failure must not take the loop down; the page still shows everything
             log.exception("cannot update the LEDs")
 

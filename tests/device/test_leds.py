@@ -95,6 +95,30 @@ def test_driver_shows_steady_and_blinking_patterns_on_the_pins(driver, mock_fact
         assert s[1] != s[2]  # fault: amber and red alternate
 
 
+def test_render_reads_back_its_own_levels_while_other_threads_render(driver) -> None:
+    """The recorder thread renders at the wall clock after every field; a reader that renders at ``t`` must get
+    the levels at ``t``, not a mix with the other thread's (the race that made a reliability check flaky)."""
+    import threading
+
+    fault = Pattern(amber=BLINK, red=ALT)
+    driver.show(fault)
+    driver.t[0] = 0.6  # the other thread's time: amber off, red on
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            driver.show(fault)
+
+    th = threading.Thread(target=hammer, daemon=True)
+    th.start()
+    try:
+        reads = [driver.render(0.1) for _ in range(2000)]  # amber on, red off
+    finally:
+        stop.set()
+        th.join(5)
+    assert set(reads) == {(False, True, False, False)}
+
+
 def test_button_short_and_long_presses(driver, mock_factory) -> None:
     pin = mock_factory.pin(BUTTON)
     pin.drive_low()

@@ -381,8 +381,6 @@ class Harness:
     """A :class:`device.service.Service` built by ``device.app.build`` on real parts, with MockFactory LEDs
     (rendered on demand), an optional notify socket with a fast watchdog, and a Flask test client for its page."""
 
-    GREEN, AMBER, RED = 17, 27, 22
-
     def __init__(self, cfg, classifier, source_factory, *, notify: Path | None = None,
                  watchdog_usec: str | None = None, clock: Callable[[], float] | None = None, kind: str = "replay",
                  start: bool = True):
@@ -407,9 +405,9 @@ class Harness:
         self.client = create_app(self.svc).test_client()
 
     def lit(self, t: float) -> tuple[bool, bool, bool]:
-        """(green, amber, red) as the LEDs would be at time ``t`` of their blink cycle."""
-        self.leds.render(t)
-        return tuple(bool(self.pins.pin(p).state) for p in (self.GREEN, self.AMBER, self.RED))
+        """(green, amber, red) as the pins read at time ``t`` of their blink cycle. The recorder thread renders
+        at the wall clock after every field, so the read-back comes from inside the same render (same lock)."""
+        return self.leds.render(t)[:3]
 
     def shows_fault_pattern(self) -> bool:
         """The fault pattern on the pins: amber and red alternating (or, under an unacknowledged ALL alarm,
