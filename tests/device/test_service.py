@@ -71,6 +71,12 @@ def lit(factory) -> dict[str, bool]:
     return {name: bool(factory.pin(pin).state) for name, pin in (("green", GREEN), ("amber", AMBER), ("red", RED))}
 
 
+def shows(svc: Service, pattern: Pattern) -> bool:
+    """The state says ``pattern`` and the LED driver has been given it (the recorder thread calls show() just after
+    it changes the state, so waiting on the state alone can read the pins before they change)."""
+    return svc.pattern() == pattern and svc.leds.pattern == pattern
+
+
 def test_loop_records_every_field_durably_and_pings_the_watchdog(build, sample_paths, notify_socket, tmp_path,
                                                                  wait) -> None:
     svc = build(only(*sample_paths[:4], tmp=tmp_path))
@@ -115,22 +121,21 @@ def test_leds_follow_verdicts_and_the_all_alarm_waits_for_the_button(build, beni
     button.drive_low()
     button.drive_high()  # short press: classify now
     assert wait(lambda: svc.store.count() == 1)
-    assert wait(lambda: svc.pattern() == Pattern(green=ON))
+    assert wait(lambda: shows(svc, Pattern(green=ON)))
     assert lit(svc.pins) == {"green": True, "amber": False, "red": False}
     assert svc.store.query()[0].label == svc.bundle.benign
 
     svc2 = build(only(all_, benign, tmp=tmp_path), trigger={"mode": "button"})
     svc2.press()
     assert wait(lambda: svc2.store.count() == 1)
-    assert wait(lambda: svc2.pattern() == Pattern(red=FAST, buzzer=BLINK))  # alarm, capture finished
-    svc2.leds.render(0.0)
-    assert lit(svc2.pins) == {"green": False, "amber": False, "red": True}
-    svc2.leds.render(svc2.config.alerts.blink_s * 0.75)
-    assert lit(svc2.pins)["red"] is False  # blinking
+    assert wait(lambda: shows(svc2, Pattern(red=FAST, buzzer=BLINK)))  # alarm, capture finished
+    # render() returns what the pins read inside the same lock: a late show() cannot render between
+    assert svc2.leds.render(0.0)[:3] == (False, False, True)
+    assert svc2.leds.render(svc2.config.alerts.blink_s * 0.75)[2] is False  # blinking
     r = svc2.store.query()[0]
     assert r.all and svc2.status().alarm is True
     svc2.press()  # the alarm is up: a press acknowledges, it does not classify
-    assert wait(lambda: svc2.pattern() == Pattern(red=ON))
+    assert wait(lambda: shows(svc2, Pattern(red=ON)))
     assert lit(svc2.pins) == {"green": False, "amber": False, "red": True}
     assert svc2.store.count() == 1
     svc2.press()  # now a press classifies the next (benign) field; red goes out
