@@ -219,10 +219,26 @@ class LedDriver:
         self._devices.clear()
 
 
+#: State changes a mock pin of the running appliance remembers (gpiozero's ``MockPin.states``, kept for assertions).
+MOCK_PIN_HISTORY = 256
+
+
 def make_pin_factory(mock: bool) -> Any:
-    """gpiozero's MockFactory when ``mock``, else None (gpiozero picks the Pi's real pin library)."""
+    """gpiozero's MockFactory when ``mock``, else None (gpiozero picks the Pi's real pin library).
+
+    gpiozero's ``MockPin`` appends every state change to a list, about 96 bytes each here: a blinking alarm with a
+    buzzer changes 7.5 times a second, about 60 MB a day for a laptop run left on. The appliance's mock pins keep
+    the last :data:`MOCK_PIN_HISTORY` changes instead (tests build their own ``MockFactory``, which keeps them all).
+    """
     if not mock:
         return None
-    from gpiozero.pins.mock import MockFactory
+    from collections import deque
 
-    return MockFactory()
+    from gpiozero.pins.mock import MockFactory, MockPin
+
+    class RecentMockPin(MockPin):
+        def clear_states(self) -> None:
+            super().clear_states()
+            self.states = deque(self.states, maxlen=MOCK_PIN_HISTORY)
+
+    return MockFactory(pin_class=RecentMockPin)

@@ -157,3 +157,23 @@ def test_ticker_thread_blinks_without_help(mock_factory, wait) -> None:
         assert wait(lambda: seen.add(bool(mock_factory.pin(RED).state)) or len(seen) == 2, timeout=10)
     finally:
         d.close()
+
+
+def test_the_appliances_mock_pins_keep_a_bounded_history() -> None:
+    """A laptop run's mock GPIO blinks for days: gpiozero's MockPin would keep every change; ours keeps the last few."""
+    from gpiozero import LED
+
+    from device.leds import MOCK_PIN_HISTORY, make_pin_factory
+
+    factory = make_pin_factory(True)
+    led = LED(17, pin_factory=factory)
+    try:
+        for i in range(3 * MOCK_PIN_HISTORY):
+            led.value = i % 2
+        pin = factory.pin(17)
+        assert len(pin.states) == MOCK_PIN_HISTORY
+        assert [s.state for s in pin.states][-2:] == [False, True]  # the newest changes are the ones kept
+        pin.assert_states([s.state for s in pin.states])  # gpiozero's own check still reads it
+    finally:
+        led.close()
+        factory.close()
