@@ -144,6 +144,21 @@ def split(samples: list[Sample], test_fraction: float = TEST_FRACTION, val_fract
     return out
 
 
+def blocks(samples: list[Sample], block: int = BLOCK) -> dict[str, tuple[str, int, int, int]]:
+    """Each sample's block as :func:`split` cuts them: path -> (class, block index, first and last number).
+
+    ``samples`` must be the whole set (all parts): blocks are counted from each class's oldest image,
+    so a part on its own would cut them elsewhere.
+    """
+    out: dict[str, tuple[str, int, int, int]] = {}
+    for label in sorted({s.label for s in samples}):
+        items = sorted((s for s in samples if s.label == label), key=lambda s: (s.number, s.path))
+        for b, i in enumerate(range(0, len(items), block)):
+            blk = items[i:i + block]
+            out.update({s.path: (label, b, blk[0].number, blk[-1].number) for s in blk})
+    return out
+
+
 def split_hash(parts: dict[str, list[Sample]]) -> str:
     h = hashlib.sha256()
     for part in PARTS:

@@ -59,6 +59,23 @@ def per_class(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> list[dict]
             for i, c in enumerate(classes)]
 
 
+def errors_by_block(y: np.ndarray, pred: np.ndarray, names: list[str],
+                    block_of: dict[str, tuple[str, int, int, int]]) -> list[dict]:
+    """Top-class errors per split block (about one patient): whether a miss is spread or one patient's.
+
+    A rate over images hides that images of one patient are not independent: 18 errors in one block
+    and 18 spread over twelve say different things about the next patient.
+    """
+    rows: dict[tuple[str, int], dict] = {}
+    for yi, pi, name in zip(y, pred, names):
+        label, b, first, last = block_of[name]
+        r = rows.setdefault((label, b), {"class": label, "block": b, "first": first, "last": last, "n": 0,
+                                         "wrong": 0})
+        r["n"] += 1
+        r["wrong"] += int(yi != pi)
+    return [rows[k] for k in sorted(rows)]
+
+
 def verdicts(head: Head, feats: np.ndarray, th: Thresholds, benign: int) -> tuple[list, list[Verdict]]:
     outs = evaluate_many(head, feats) if len(feats) else []
     return outs, [decide(head, o, head.classes[benign], th) for o in outs]

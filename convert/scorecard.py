@@ -16,6 +16,7 @@ from convert import data, shifts
 from convert.evaluate import (
     caught,
     duplicate_threshold,
+    errors_by_block,
     field_outcomes,
     gate_codes,
     held_out,
@@ -152,6 +153,11 @@ def print_summary(o: Options, with_shifts: bool) -> None:
     print(f"new-patient test: {t['n']} images, accuracy {ci(t['accuracy'])}, ALL confidently called Benign "
           f"{t['all_called_benign_confident']}, benign called ALL {t['benign_called_all']}, referred {t['referred']}, "
           f"ECE {100 * t['calibration']['ece']:.1f}%")
+    _, parts, doc = data.read_split(pp.split)
+    block_of = data.blocks([s for part in data.PARTS for s in parts[part]], doc["params"].get("block", data.BLOCK))
+    rows = errors_by_block(z["y_test"], np.array(t["pred"]), [str(n) for n in z["test_names"]], block_of)
+    print("top-class errors by block (consecutive acquisition numbers, about one patient each): "
+          + "; ".join(f"{r['class']} {r['first']}-{r['last']} {r['wrong']}/{r['n']}" for r in rows))
     if not with_shifts:
         return
     print(f"{'shift':58s} {'strength':9s} {'cal':3s} {'accuracy':24s} {'ALL->Benign':>11s} {'Benign->ALL':>11s} "

@@ -66,6 +66,28 @@ def test_split_is_deterministic_grouped_and_tests_on_the_newest_numbers(smear_di
     assert data.split_hash(data.split(scan.samples, 0.25, 0.25, block=2, seed=1)) != data.split_hash(a)
 
 
+def test_blocks_are_the_blocks_the_split_cut(smear_dir):
+    scan = data.scan(smear_dir)
+    parts = data.split(scan.samples, 0.25, 0.25, block=2, seed=0)
+    block_of = data.blocks([s for p in data.PARTS for s in parts[p]], block=2)
+    assert set(block_of) == {s.path for s in scan.samples}
+    part_of = {s.path: p for p in data.PARTS for s in parts[p]}
+    by_block: dict = {}
+    for s in scan.samples:
+        label, b, first, last = block_of[s.path]
+        assert label == s.label and first <= s.number <= last
+        by_block.setdefault((label, b), []).append(s)
+    for members in by_block.values():
+        assert len(members) <= 2 and len({part_of[s.path] for s in members}) == 1  # one block, one part
+        numbers = sorted(s.number for s in members)
+        assert block_of[members[0].path][2:] == (numbers[0], numbers[-1])
+    for cls in scan.classes:  # counted from the oldest image: block 0 holds the two lowest numbers
+        oldest = min((s for s in scan.samples if s.label == cls), key=lambda s: s.number)
+        assert block_of[oldest.path][1] == 0
+        newest = max((s for s in scan.samples if s.label == cls), key=lambda s: s.number)
+        assert part_of[newest.path] == "test"
+
+
 def test_scale_bar_corner_is_covered_with_the_texture_above_it(smear_dir):
     import numpy as np
 

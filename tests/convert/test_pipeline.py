@@ -97,6 +97,24 @@ def test_second_run_skips_current_steps(built, capsys):
         assert before[name] == after[name], f"{name} was rebuilt although current"
 
 
+@pytest.mark.slow
+def test_evaluate_prints_the_test_errors_by_block(built, capsys):
+    tmp, argv = built
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--work", str(tmp / "work")]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("top-class errors by block"))
+    cells = [c.rsplit(" ", 2) for c in line.split(": ", 1)[1].split("; ")]
+    # 8 test images, 2 per class, in blocks of 2: one block per class, the newest numbers
+    assert sorted(c[0] for c in cells) == ["Benign", "Early", "Pre", "Pro"]
+    wrong_n = [tuple(map(int, c[2].split("/"))) for c in cells]
+    assert all(n == 2 and 0 <= w <= n for w, n in wrong_n)
+    # the blocks' errors are the top-class errors the accuracy on the line above counts
+    acc = next(x for x in out.splitlines() if x.startswith("new-patient test"))
+    accuracy = float(acc.split("accuracy")[1].split("%")[0])
+    assert sum(w for w, _ in wrong_n) == round(8 * (1 - accuracy / 100))
+
+
 def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
     rc = cli.main(["split", "--data", str(tmp_path / "absent"), "--work", str(tmp_path / "w")])
     assert rc == 2
