@@ -148,6 +148,14 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
         a(f"| {r['class']} | {r['n']} | {_pct(r['accuracy'])} | {_pct(r['f1'])} | {_pct(r['recall'])} | "
           f"{_pct(r['precision'])} |")
     a("")
+    if m.get("test_blocks"):  # bundles made before this table have no per-block counts
+        a("Top-class errors per block of the split (consecutive acquisition numbers, about one patient): whether a "
+          "miss is spread over patients or one patient's.\n")
+        a("| class | block (acquisition numbers) | wrong |")
+        a("|---|---|---|")
+        for r in m["test_blocks"]:
+            a(f"| {r['class']} | {r['first']}-{r['last']} | {r['wrong']} of {r['n']} |")
+        a("")
     _shift_section(a, m)
     _ood_section(a, m)
     _slide_section(a, m)

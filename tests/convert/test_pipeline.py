@@ -50,9 +50,11 @@ def test_chain_builds_a_bundle_the_device_accepts(built, smear_dir):
     assert manifest["input"]["field_px"] == 224 and manifest["input"]["rbc_diameter_px"] > 5
     report = (tmp / "models" / "REPORT.md").read_text()
     for words in ("Table 2", "Shift suite", "scale-bar", "Wilson", "Refer what it does not know", "Slide verdict",
-                  "one-standard-error"):
+                  "one-standard-error", "errors per block"):
         assert words in report
     metrics = json.loads((tmp / "models" / "metrics.json").read_text())
+    assert sum(r["n"] for r in metrics["test_blocks"]) == metrics["test"]["n"]
+    assert sum(r["wrong"] for r in metrics["test_blocks"]) == metrics["test"]["n"] - metrics["test"]["accuracy"]["k"]
     families = {r["family"] for r in metrics["shifts"]}
     assert {"hue", "defocus", "JPEG", "magnification", "eyepiece frame", "sensor noise"} <= families
     assert any(r["mode"] == "calibrated" for r in metrics["shifts"])
@@ -106,7 +108,7 @@ def test_evaluate_prints_the_test_errors_by_block(built, capsys):
     line = next(x for x in out.splitlines() if x.startswith("top-class errors by block"))
     cells = [c.rsplit(" ", 2) for c in line.split(": ", 1)[1].split("; ")]
     # 8 test images, 2 per class, in blocks of 2: one block per class, the newest numbers
-    assert sorted(c[0] for c in cells) == ["Benign", "Early", "Pre", "Pro"]
+    assert sorted(c[0] for c in cells) == ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
     wrong_n = [tuple(map(int, c[2].split("/"))) for c in cells]
     assert all(n == 2 and 0 <= w <= n for w, n in wrong_n)
     # the blocks' errors are the top-class errors the accuracy on the line above counts
