@@ -111,6 +111,7 @@ def write_bundle(o: Options) -> Path:
         "output": {"features": oo.size, "dtype": oo.dtype, "scale": oo.scale, "zero_point": oo.zero_point},
         "quantization": {"tool": "onnx2tf full-integer", "weights": "int8 per-channel", "activations": "int8",
                          "calibration_images": quant["calibration_images"],
+                         "activation_range": quant.get("activation_range", "min/max"),
                          "edgetpu_friendly": quant["edgetpu_friendly"], "op_types": quant["op_types"],
                          "edgetpu_friendly_op_types": quant.get("edgetpu_friendly_op_types"),
                          "onnx_vs_torch_max_abs_diff": exp["max_abs_diff"]},

@@ -41,11 +41,22 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})
 
 
+def _percentile(text: str) -> float:
+    try:
+        p = float(text)
+    except ValueError:
+        p = float("nan")
+    if not 50.0 < p < 100.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentile between 50 and 100 (exclusive), "
+                                         "e.g. 99.9995")
+    return p
+
+
 def options_from(a: argparse.Namespace) -> Options:
     return Options(data=a.data.resolve(), work=a.work.resolve(), models=a.models.resolve(),
                    test_fraction=a.test_fraction, val_fraction=a.val_fraction, block=a.block,
-                   seed=a.seed, calib=a.calib, edgetpu_friendly=not a.keep_leakyrelu, criterion=a.criterion,
-                   folds=a.folds, force=a.force)
+                   seed=a.seed, calib=a.calib, range_percentile=a.range_percentile,
+                   edgetpu_friendly=not a.keep_leakyrelu, criterion=a.criterion, folds=a.folds, force=a.force)
 
 
 #: The chain, in order: ``all`` runs these, each skipping itself when its outputs are current.
@@ -126,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consecutive acquisition numbers kept together (about one patient)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--calib", type=int, default=d.calib, help="calibration images for int8 (>= 200 for a real model)")
+    p.add_argument("--range-percentile", type=_percentile, default=d.range_percentile, metavar="P",
+                   help="int8 activation ranges at the P-th percentile of the calibration activations (e.g. "
+                        "99.9995) instead of their min/max; measured and not adopted, see README")
     p.add_argument("--keep-leakyrelu", action="store_true",
                    help="make only the CPU graph (native LEAKY_RELU), no Edge-TPU-friendly second graph")
     p.add_argument("--criterion", choices=("MIQ", "MID"), default=d.criterion, help="mRMR criterion")

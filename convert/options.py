@@ -46,6 +46,8 @@ class Options:
     block: int = BLOCK
     seed: int = 0
     calib: int = 256
+    #: None: each activation's int8 range is its calibration min/max (what ships); P: its (100-P)..P percentile.
+    range_percentile: float | None = None
     edgetpu_friendly: bool = True
     criterion: str = "MIQ"
     folds: int = 10

@@ -37,6 +37,14 @@ def _figures(o: Options, fig: Path, manifest: dict, m: dict) -> list[dict]:
     return json.loads(history.read_text()) if history.exists() else []
 
 
+def _range_text(r: dict | str) -> str:
+    """How the activations' int8 ranges were set (``quantize --range-percentile``), for the method's step 3."""
+    if not isinstance(r, dict):
+        return " (each activation's int8 range: the minimum to maximum seen)"
+    return (f" (each activation's int8 range: its {100 - r['percentile']:g}th to {r['percentile']:g}th percentile on "
+            f"{r['images']} of them, the rare larger values clipped: `--range-percentile {r['percentile']:g}`)")
+
+
 def training_text(c: dict, hist: list[dict]) -> str:
     """The recipe as the report states it: configuration ``c`` and the epochs this build ran (``hist``)."""
     txt = (f"**DarkNet19** (19 conv, 5 max-pool, BN, LeakyReLU 0.1; 1000-d global-pooled features), trained from "
@@ -99,7 +107,8 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
       "as the Pi: find the lit field (eyepiece disc or whole frame), fill outside it with the background colour, "
       "normalise colour so the slide background is neutral grey.")
     a(f"3. **ONNX** export (BN folded; max |ONNX - PyTorch| {q['onnx_vs_torch_max_abs_diff']:.3g}), then full-integer "
-      f"**int8 TFLite** with onnx2tf, calibrated on {q['calibration_images']} prepared training images. The CPU "
+      f"**int8 TFLite** with onnx2tf, calibrated on {q['calibration_images']} prepared training images"
+      f"{_range_text(q.get('activation_range', 'min/max'))}. The CPU "
       "graph (what the Pi runs, and what the head is fitted on) keeps native `LEAKY_RELU`: " +
       ", ".join(f"`{k}` x{v}" for k, v in q["op_types"].items()) + "." +
       (" A second, Edge-TPU-friendly graph (LeakyReLU rewritten, same calibration images) ships for "

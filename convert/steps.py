@@ -197,7 +197,7 @@ def export(o: Options) -> None:
 
 def quantize(o: Options) -> None:
     """The CPU int8 graph (native LEAKY_RELU) and, unless disabled, the Edge-TPU-friendly one, same calibration."""
-    from convert.quantize import to_int8_graphs
+    from convert.quantize import RANGE_IMAGES, to_int8_graphs
 
     pp = paths(o)
 
@@ -212,17 +212,21 @@ def quantize(o: Options) -> None:
             log.warning("calibrating on %d images (< 200): fine for tests, not for a shipped model", len(x))
         pp.edgetpu_friendly.unlink(missing_ok=True)
         g = to_int8_graphs(pp.onnx, x, pp.onnx2tf_dir, cpu_dest=pp.tflite,
-                           edgetpu_friendly_dest=pp.edgetpu_friendly if o.edgetpu_friendly else None)
+                           edgetpu_friendly_dest=pp.edgetpu_friendly if o.edgetpu_friendly else None,
+                           range_percentile=o.range_percentile)
         info = {"calibration_images": len(x), "op_types": g.cpu_op_types, "edgetpu_friendly": o.edgetpu_friendly,
                 "edgetpu_friendly_op_types": g.edgetpu_friendly_op_types,
-                "calibration_names": [s.path for s in chosen]}
+                "calibration_names": [s.path for s in chosen],
+                "activation_range": ({"percentile": o.range_percentile, "images": min(RANGE_IMAGES, len(x))}
+                                     if o.range_percentile is not None else "min/max")}
         pp.quant.write_text(json.dumps(info, indent=1))
         print(f"int8 TFLite: {pp.tflite} ({pp.tflite.stat().st_size / 1e6:.1f} MB), ops {g.cpu_op_types}"
               + (f"; Edge-TPU-friendly graph {pp.edgetpu_friendly}" if g.edgetpu_friendly else ""))
         return {"calibration_images": len(x)}
 
     run_step(o, "quantize", [pp.onnx, pp.split], [pp.tflite, pp.quant],
-             {"calib": o.calib, "etpu": o.edgetpu_friendly, "seed": o.seed, "graphs": 2}, go)
+             {"calib": o.calib, "etpu": o.edgetpu_friendly, "seed": o.seed, "graphs": 2,
+              **({"range": [o.range_percentile, RANGE_IMAGES]} if o.range_percentile is not None else {})}, go)
 
 
 def edgetpu(o: Options) -> Path | None:

@@ -38,6 +38,7 @@ def test_chain_builds_a_bundle_the_device_accepts(built, smear_dir):
     assert bundle.classes == ("Benign", "Early Pre-B", "Pre-B", "Pro-B")
     assert manifest["input"]["dtype"] == "int8" and manifest["output"]["features"] == 1000
     assert manifest["quantization"]["calibration_images"] == 16  # the whole (tiny) training split
+    assert manifest["quantization"]["activation_range"] == "min/max"  # percentile ranges only when asked for
     assert "LEAKY_RELU" in manifest["quantization"]["op_types"]  # the CPU graph: native LeakyReLU
     assert "LEAKY_RELU" not in manifest["quantization"]["edgetpu_friendly_op_types"]  # the Edge TPU's input
     assert bundle.edgetpu_friendly_path is not None and bundle.edgetpu_friendly_path.is_file()
@@ -50,7 +51,7 @@ def test_chain_builds_a_bundle_the_device_accepts(built, smear_dir):
     assert manifest["input"]["field_px"] == 224 and manifest["input"]["rbc_diameter_px"] > 5
     report = (tmp / "models" / "REPORT.md").read_text()
     for words in ("Table 2", "Shift suite", "scale-bar", "Wilson", "Refer what it does not know", "Slide verdict",
-                  "one-standard-error", "errors per block"):
+                  "one-standard-error", "errors per block", "range: the minimum to maximum seen"):
         assert words in report
     metrics = json.loads((tmp / "models" / "metrics.json").read_text())
     assert sum(r["n"] for r in metrics["test_blocks"]) == metrics["test"]["n"]
