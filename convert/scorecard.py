@@ -49,7 +49,7 @@ def slide_rules(val: dict) -> SlideRules:
                       field_sensitivity=val["sensitivity_alert"]["lo"])
 
 
-def test_blocks(split_path: Path, y: np.ndarray, pred: np.ndarray, class_names: list[str]) -> list[dict]:
+def new_patient_blocks(split_path: Path, y: np.ndarray, pred: np.ndarray, class_names: list[str]) -> list[dict]:
     """The test split's top-class errors per block of the split (about one patient): see ``errors_by_block``.
 
     ``class_names``: the head's names, in the split's class order (the split knows the data's folder names).
@@ -96,7 +96,7 @@ def evaluate_all(o: Options) -> dict:
         "test_images": int(len(y)), "val_images": int(len(yv)), "train_images": int(len(z["y_train"])),
         "training": {"config": state["config"], "seconds": state.get("seconds")},
         "test": {k: v for k, v in test.items() if k not in ("status", "alert")},
-        "test_blocks": test_blocks(pp.split, y, np.array(test["pred"]), classes),
+        "test_blocks": new_patient_blocks(pp.split, y, np.array(test["pred"]), classes),
         "validation": {k: v for k, v in val.items() if k not in ("pred", "status", "alert")},
         "cnn_softmax": {"accuracy": rate(int((cnn_pred == y).sum()), len(y)),
                         "confusion": _confusion(y, cnn_pred, len(classes))},
@@ -167,7 +167,7 @@ def print_summary(o: Options, with_shifts: bool) -> None:
     print(f"new-patient test: {t['n']} images, accuracy {ci(t['accuracy'])}, ALL confidently called Benign "
           f"{t['all_called_benign_confident']}, benign called ALL {t['benign_called_all']}, referred {t['referred']}, "
           f"ECE {100 * t['calibration']['ece']:.1f}%")
-    rows = test_blocks(pp.split, z["y_test"], np.array(t["pred"]), list(head.classes))
+    rows = new_patient_blocks(pp.split, z["y_test"], np.array(t["pred"]), list(head.classes))
     print("top-class errors by block (consecutive acquisition numbers, about one patient each): "
           + "; ".join(f"{r['class']} {r['first']}-{r['last']} {r['wrong']}/{r['n']}" for r in rows))
     if not with_shifts:
