@@ -102,7 +102,7 @@ def test_second_run_skips_current_steps(built, capsys):
 
 @pytest.mark.slow
 def test_evaluate_prints_the_test_errors_by_block(built, capsys):
-    tmp, argv = built
+    tmp, _ = built
     capsys.readouterr()
     assert cli.main(["evaluate", "--work", str(tmp / "work")]) == 0
     out = capsys.readouterr().out
