@@ -26,7 +26,7 @@ $(VENV)/.all: pyproject.toml | $(BIN)/python
 	$(PIP) install -q -e ".[device,convert,test]"
 	@touch $@ $(VENV)/.device
 
-install-device: $(VENV)/.device ## a .venv with the Pi runtime only (numpy, pillow, flask, waitress, gpiozero, LiteRT)
+install-device: $(VENV)/.device ## a .venv with the Pi runtime only (numpy, pillow, flask, waitress, gpiozero, LiteRT, simplejpeg)
 
 install: $(VENV)/.all ## a .venv with everything: runtime, host toolchain, tests
 

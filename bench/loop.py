@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -48,6 +48,7 @@ from device import config as config_mod
 from device.app import App, build, make_leds
 from device.bundle import Bundle
 from device.classifier import Classifier, decide
+from device.errors import StoreError
 from device.head import evaluate
 from device.leds import LedDriver
 from device.notify import Notifier
@@ -84,7 +85,7 @@ class Rec:
 
 
 class TimedStore(ResultStore):
-    """A real ResultStore whose ``record`` (JPEG + SQLite commit) is timed."""
+    """A real ResultStore whose commits (JPEGs + one SQLite commit per batch) are timed."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -92,13 +93,16 @@ class TimedStore(ResultStore):
         self.leds: TimedLeds | None = None  # whose running total each record notes
         self._recs_lock = threading.Lock()
 
-    def record(self, result: FieldResult, image: bytes | np.ndarray | None = None) -> FieldResult:
+    def record_batch(self, items: Sequence[tuple[FieldResult, bytes | np.ndarray | None]]
+                     ) -> list[FieldResult | StoreError]:
+        """The loop's commits; each result of a batch is charged an equal share of the batch's time."""
         t0 = time.perf_counter()
-        out = super().record(result, image)
-        ms = (time.perf_counter() - t0) * 1000
+        out = super().record_batch(items)
+        ms = (time.perf_counter() - t0) * 1000 / max(len(items), 1)
         with self._recs_lock:
-            self.recs.append(Rec(result.time, str(result.status), dict(result.timings), ms,
-                                 self.leds.total_ms if self.leds is not None else 0.0))
+            for result, _image in items:
+                self.recs.append(Rec(result.time, str(result.status), dict(result.timings), ms,
+                                     self.leds.total_ms if self.leds is not None else 0.0))
         return out
 
     def snapshot(self) -> list[Rec]:

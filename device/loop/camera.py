@@ -25,6 +25,7 @@ from device.config import CameraConfig
 from device.errors import CameraError, ScreenError
 from device.loop.alerts import Alerts
 from device.loop.board import Board
+from device.priority import lower_this_thread
 from device.quality import validate_frame
 from device.sources import Frame, FrameSource, SourceExhausted
 
@@ -74,6 +75,7 @@ class _Calls:
         threading.Thread(target=self._serve, name="camera", daemon=True).start()
 
     def _serve(self) -> None:
+        lower_this_thread()  # like the frames thread it serves: the screening thread goes first
         while (call := self._queue.get()) is not None:
             call.run()
 

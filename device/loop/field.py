@@ -5,7 +5,8 @@ timing, quality gate, model input) on the frames thread, or the screening thread
 :meth:`FieldPipeline.run` (the interpreter's half, then the hand-off) on the screening thread. The
 *recorder* thread then commits each result durably and only then hands it to ``show`` (LEDs, page):
 nothing is shown before its commit, and results are committed in the order they were inferred. The
-recorder may lag the model by :data:`MAX_UNCOMMITTED` results before the screening thread waits for it.
+recorder may lag the model by :data:`MAX_UNCOMMITTED` results before the screening thread waits for it;
+the results waiting when it comes round are committed together (one database commit, fewer fsyncs).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from dataclasses import field as dataclass_field
 
 from device.bundle import Bundle
 from device.classifier import Classifier, Gated, gate_field, infer_field
@@ -32,7 +33,9 @@ from device.store.records import FieldResult
 log = logging.getLogger(__name__)
 
 #: Results classified but not yet committed: the recorder may lag the model by this many before the loop waits.
-MAX_UNCOMMITTED = 2
+#: While the recorder commits one batch, up to this many less its size wait, and become the next batch: at 2 it
+#: would commit one result at a time whenever it is the slower stage, the case batching is for.
+MAX_UNCOMMITTED = 4
 UPLOAD = "upload"  # the source of a field the page sent (never part of a slide; leaves the LEDs alone)
 
 
@@ -56,6 +59,17 @@ def stage(clf: Classifier, frame: Frame, th: QualityThresholds, *, source: str, 
     return Staged(frame, source, gate_field(clf, img, th, scale=scale), capture_ms, t0 - capture_ms / 1000.0)
 
 
+@dataclass(eq=False)
+class _Uncommitted:
+    """A result handed to the recorder: committed, then shown; ``done`` is set after both (or a failure)."""
+
+    result: FieldResult
+    staged: Staged
+    wait: bool
+    done: threading.Event = dataclass_field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
 class FieldPipeline:
     """``show(result, total_ms, camera)`` is called on the recorder thread after each commit (or failed commit)."""
 
@@ -65,6 +79,8 @@ class FieldPipeline:
         self.board, self.alerts, self.slides, self.show = board, alerts, slides, show
         self._slots = threading.BoundedSemaphore(MAX_UNCOMMITTED)
         self._recorder: Worker | None = None
+        self._waiting: list[_Uncommitted] = []  # handed over, not yet taken by the recorder (in inference order)
+        self._waiting_lock = threading.Lock()
 
     def start(self) -> None:
         self._recorder = Worker("recorder")
@@ -73,28 +89,17 @@ class FieldPipeline:
         """Screening thread: infer, then hand the result to the recorder; ``wait`` for its commit and return it."""
         result = self._infer(staged)
         self._slots.acquire()  # the recorder may lag by MAX_UNCOMMITTED results, no more
-        done = threading.Event()
-        box: dict[str, Any] = {}
-
-        def commit() -> None:
-            try:
-                box["result"] = self._commit(result, staged)
-            except BaseException as exc:
-                box["error"] = exc
-                if not wait:
-                    log.error("recording field %s failed: %s", result.name, exc)
-            finally:
-                self._slots.release()
-                done.set()
-
+        item = _Uncommitted(result, staged, wait)
+        with self._waiting_lock:
+            self._waiting.append(item)
         assert self._recorder is not None
-        self._recorder.submit(commit)
+        self._recorder.submit(self._record_waiting)
         if not wait:
             return None
-        done.wait()
-        if "error" in box:
-            raise box["error"]
-        return box["result"]
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
 
     def _infer(self, staged: Staged) -> FieldResult:
         """The interpreter's half (screening thread only): invoke, head, decision; the result is not recorded."""
@@ -122,21 +127,54 @@ class FieldPipeline:
                            model_sha256=self.bundle.model_sha256, bundle=self.bundle.id, source=staged.source,
                            name=frame.name, slide_id=slide_id, distance=v.distance, p_all=v.p_all)
 
-    def _commit(self, result: FieldResult, staged: Staged) -> FieldResult:
-        """Recorder thread: durable record, then show (LEDs, page). Returns the recorded result."""
+    def _record_waiting(self) -> None:
+        """Recorder thread: commit every result waiting (one database commit for all), then show each in turn.
+
+        Nothing is shown before its commit, and results are committed and shown in the order they were inferred.
+        A result whose commit failed is shown all the same (unrecorded: no id), with a storage fault.
+        """
+        with self._waiting_lock:
+            batch, self._waiting = self._waiting, []
+        if not batch:
+            return  # an earlier call took them
         try:
-            frame = staged.frame
-            image = frame.jpeg if frame.jpeg is not None else frame.array  # a replayed JPEG is kept as it is
-            result = self.store.record(result, image)  # durable before anything is shown
-            self.alerts.clear("storage")
-            if self.store.last_image_error:
-                log.debug("image not kept: %s", self.store.last_image_error)
-        except StoreError as exc:
+            outcomes = self._commit(batch)
+        except BaseException as exc:  # a bug below the store: nothing is shown, the callers hear of it
+            for item in batch:
+                item.error = exc
+                if not item.wait:
+                    log.error("recording field %s failed: %s", item.result.name, exc)
+            outcomes = []
+        for k, item in enumerate(batch):
+            try:
+                if k < len(outcomes):
+                    item.result = outcomes[k]
+                    self.show(item.result, (time.perf_counter() - item.staged.t0) * 1000, item.staged.source != UPLOAD)
+            except BaseException as exc:
+                item.error = exc
+                if not item.wait:
+                    log.error("showing field %s failed: %s", item.result.name, exc)
+            finally:
+                self._slots.release()
+                item.done.set()
+
+    def _commit(self, batch: list[_Uncommitted]) -> list[FieldResult]:
+        """Durable records of ``batch``: each result as recorded, or as it was when its commit failed."""
+        # a replayed JPEG is kept as it is; a camera frame is encoded by the store
+        items = [(i.result, i.staged.frame.jpeg if i.staged.frame.jpeg is not None else i.staged.frame.array)
+                 for i in batch]
+        outcomes = self.store.record_batch(items)
+        failed = [o for o in outcomes if isinstance(o, StoreError)]
+        for _ in failed:
             self.board.count("store_errors")
-            self.alerts.fault("storage", str(exc))
-            log.error("result NOT recorded: %s", exc)
-        self.show(result, (time.perf_counter() - staged.t0) * 1000, staged.source != UPLOAD)
-        return result
+        if failed:
+            self.alerts.fault("storage", str(failed[-1]))
+            log.error("%d result(s) NOT recorded: %s", len(failed), failed[-1])
+        else:
+            self.alerts.clear("storage")
+        if self.store.last_image_error:
+            log.debug("image not kept: %s", self.store.last_image_error)
+        return [item.result if isinstance(o, StoreError) else o for item, o in zip(batch, outcomes, strict=True)]
 
     def finish(self, timeout: float) -> None:
         """Record and show every result handed over (or give up after ``timeout``), then end the recorder."""

@@ -10,6 +10,8 @@ import queue
 import threading
 from collections.abc import Callable
 
+from device.priority import lower_this_thread
+
 log = logging.getLogger(__name__)
 
 
@@ -29,6 +31,7 @@ class Worker:
         self._q.put(fn)
 
     def _loop(self) -> None:
+        lower_this_thread()  # the screening thread (the interpreter) goes first when the cores are short
         while True:
             fn = self._q.get()
             if fn is None:

@@ -28,7 +28,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,22 +96,64 @@ class ResultStore:
         that cannot be written is dropped (see ``last_image_error``); a record
         that cannot be committed raises :class:`StoreError`.
         """
-        if result.status not in STATUSES:
-            raise ValueError(f"status {result.status!r} is not one of {STATUSES}")
-        t0 = time.perf_counter()
+        out = self.record_batch([(result, image)])[0]
+        if isinstance(out, StoreError):
+            raise out
+        return out
+
+    def record_batch(self, items: Sequence[tuple[FieldResult, bytes | np.ndarray | None]]
+                     ) -> list[FieldResult | StoreError]:
+        """Store several results durably with one database commit; per item, the recorded result or why not.
+
+        The loop's recorder takes every result waiting for it at once: each JPEG is written and fsynced, each
+        folder written to is fsynced once, then one transaction (one fsync of the WAL) inserts every row. On a
+        slow SD card fsyncs, not bytes, are what a record costs. If that commit fails, each result is tried
+        again in a transaction of its own, so one bad row cannot take the others with it.
+        """
+        for result, _image in items:
+            if result.status not in STATUSES:
+                raise ValueError(f"status {result.status!r} is not one of {STATUSES}")
         with self._lock:
-            rel = self.images.save(self._db, image, result.time) if image is not None else None
-            timings = {**result.timings, "store": round((time.perf_counter() - t0) * 1000, 3)}
+            saved: list[tuple[FieldResult, str | None, dict]] = []
+            folders: list[Path] = []
+            for result, image in items:
+                t0 = time.perf_counter()
+                rel = self.images.save(self._db, image, result.time, folders) if image is not None else None
+                saved.append((result, rel, {**result.timings, "store": round((time.perf_counter() - t0) * 1000, 3)}))
+            self.images.sync(folders)  # before the rows that point at the files are committed
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                cur = self._db.execute(INSERT, to_row(result, timings, rel))
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                rollback(self._db)
-                if rel is not None:
-                    self.images.discard(rel)
-                raise store_error(self.path, "record the result", exc) from exc
-            return dataclasses.replace(result, id=cur.lastrowid, image=rel, timings=timings)
+                return list(self._insert(saved))
+            except StoreError as exc:
+                if len(saved) == 1:
+                    self._discard(saved)
+                    return [exc]
+                log.warning("committing %d results at once failed (%s); committing them one by one", len(saved), exc)
+            out: list[FieldResult | StoreError] = []
+            for one in saved:
+                try:
+                    out += self._insert([one])
+                except StoreError as exc:
+                    self._discard([one])
+                    out.append(exc)
+            return out
+
+    def _insert(self, saved: list[tuple[FieldResult, str | None, dict]]) -> list[FieldResult]:
+        """One transaction inserting ``saved`` (result, image path, timings); :class:`StoreError` if it fails."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            ids = [self._db.execute(INSERT, to_row(r, timings, rel)).lastrowid for r, rel, timings in saved]
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            rollback(self._db)
+            raise store_error(self.path, "record the result", exc) from exc
+        return [dataclasses.replace(r, id=id_, image=rel, timings=timings)
+                for (r, rel, timings), id_ in zip(saved, ids, strict=True)]
+
+    def _discard(self, saved: list[tuple[FieldResult, str | None, dict]]) -> None:
+        """Remove the images of results that were not committed (never an image without its record)."""
+        for _r, rel, _t in saved:
+            if rel is not None:
+                self.images.discard(rel)
 
     def start_slide(self, slide_id: str | None = None, started: float | None = None) -> str:
         started = time.time() if started is None else started

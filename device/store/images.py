@@ -11,6 +11,7 @@ connection for the rows that point at images.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -19,6 +20,7 @@ import shutil
 import sqlite3
 import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from PIL import Image
@@ -33,9 +35,32 @@ IMAGES = "images"
 
 
 def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
+    """An HxWx3 uint8 RGB frame as a baseline JPEG (4:2:0 chroma, as Pillow's default).
+
+    simplejpeg (libjpeg-turbo; the encoder picamera2 itself uses, so a Pi with the camera has it) releases
+    the GIL while it encodes. Pillow's encoder holds it: measured here, a Pillow encode of a 1014x760 frame on
+    the recorder thread kept other Python threads out for up to 2.4 ms at a time (simplejpeg: never over
+    0.5 ms), and the screening thread needs the GIL back each time an invoke returns. Pillow is the fallback
+    where simplejpeg is not installed.
+    """
+    sj = _simplejpeg()
+    if sj is not None:
+        return sj.encode_jpeg(np.ascontiguousarray(frame), quality=int(quality), colorspace="RGB",
+                              colorsubsampling="420")
     buf = io.BytesIO()
     Image.fromarray(frame, "RGB").save(buf, "JPEG", quality=int(quality))
     return buf.getvalue()
+
+
+@functools.cache
+def _simplejpeg() -> ModuleType | None:
+    """The simplejpeg module, imported on first use; None (Pillow encodes) where it is not installed."""
+    try:
+        import simplejpeg
+    except ImportError:
+        log.info("simplejpeg is not installed: frame JPEGs are encoded with Pillow, which holds the GIL")
+        return None
+    return simplejpeg
 
 
 class ImageStore:
@@ -72,18 +97,22 @@ class ImageStore:
                     pass
         self.bytes, self.count = total, count
 
-    def save(self, db: sqlite3.Connection, image: bytes | np.ndarray, t: float) -> str | None:
+    def save(self, db: sqlite3.Connection, image: bytes | np.ndarray, t: float,
+             folders: list[Path] | None = None) -> str | None:
         """Encode (an HxWx3 frame) and write one image captured at ``t``, pruning to fit the budget; its path
-        relative to the state dir, or None when it is not kept (why: :attr:`last_error`)."""
+        relative to the state dir, or None when it is not kept (why: :attr:`last_error`).
+
+        ``folders``: the folders whose fsync is left to the caller (:meth:`sync`, once for several images);
+        without it, they are fsynced here."""
         if not self.enabled:
             return None
         try:
             jpeg = image if isinstance(image, bytes) else encode_jpeg(image, self.jpeg_quality)
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, RuntimeError) as exc:
             self.last_error = f"cannot encode the frame as JPEG ({exc})"
             return None
         try:
-            return self._write(db, jpeg, t)
+            return self._write(db, jpeg, t, folders)
         except StoreError as exc:  # pruning failed: keep the record, skip the image
             self.last_error = str(exc)
             return None
@@ -115,8 +144,14 @@ class ImageStore:
         self._error_kind = kind
         self.last_error = msg
 
-    def _write(self, db: sqlite3.Connection, jpeg: bytes, t: float) -> str | None:
-        """Write one JPEG durably (temp file, fsync, rename, directory fsync)."""
+    @staticmethod
+    def sync(folders: list[Path]) -> None:
+        """fsync each folder once (several images written to one folder need one fsync of it)."""
+        for folder in dict.fromkeys(folders):
+            fsync_dir(folder)
+
+    def _write(self, db: sqlite3.Connection, jpeg: bytes, t: float, folders: list[Path] | None) -> str | None:
+        """Write one JPEG durably (temp file, fsync, rename, then the directory fsync, here or by :meth:`sync`)."""
         try:
             free = shutil.disk_usage(self.state_dir).free
         except OSError:
@@ -141,9 +176,11 @@ class ImageStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
-            fsync_dir(folder)
-            if new_folder:
-                fsync_dir(self.folder)
+            written = [folder, self.folder] if new_folder else [folder]
+            if folders is None:
+                self.sync(written)
+            else:
+                folders += written
         except OSError as exc:
             try:
                 tmp.unlink()

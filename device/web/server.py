@@ -15,7 +15,6 @@ is never used.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -26,11 +25,12 @@ from waitress.server import create_server
 from waitress.task import ThreadedTaskDispatcher
 
 from device.errors import ConfigError
+from device.priority import HELPER_NICE, lower_this_thread
 
 log = logging.getLogger(__name__)
 
 #: Niceness added to the request threads (Linux threads are scheduled separately).
-WORKER_NICE = 5
+WORKER_NICE = HELPER_NICE
 #: Share of the time the request handlers may use, on average, once their burst allowance is spent.
 CPU_SHARE = 0.03
 #: CPU seconds of request handling allowed at once before the share applies (a page polling its status
@@ -129,11 +129,7 @@ class _NiceDispatcher(ThreadedTaskDispatcher):
     """Waitress's worker pool, with each worker at a lower CPU priority than the loop."""
 
     def handler_thread(self, thread_no):  # noqa: D401 - waitress's name
-        try:  # relative to the loop's own niceness: an absolute value would *raise* a niced service's workers
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICE))
-        except (OSError, AttributeError):  # not Linux, or not permitted: serve anyway
-            pass
+        lower_this_thread(WORKER_NICE)
         return super().handler_thread(thread_no)
 
 

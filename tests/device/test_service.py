@@ -311,11 +311,13 @@ class GatedStore(ResultStore):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.gate, self.entered = threading.Event(), threading.Event()
+        self.batches: list[int] = []
 
-    def record(self, result, image=None):
+    def record_batch(self, items):
         self.entered.set()
         self.gate.wait(30)
-        return super().record(result, image)
+        self.batches.append(len(items))
+        return super().record_batch(items)
 
 
 def test_a_result_is_shown_only_after_its_commit_while_the_next_fields_are_classified(build, sample_paths,
@@ -336,6 +338,8 @@ def test_a_result_is_shown_only_after_its_commit_while_the_next_fields_are_class
     svc.stop()
     rows = svc.store.query(limit=100, newest_first=False)
     assert [r.name[3:] for r in rows[:6]] == [p.name for p in sample_paths[:6]]  # committed in capture order
+    # the results that waited while the first commit was held went into the next commit together
+    assert svc.store.batches[0] == 1 and svc.store.batches[1] >= MAX_UNCOMMITTED - 1
     assert [r.time for r in rows] == sorted(r.time for r in rows)
     assert svc.status().last.id == rows[-1].id  # the page shows the last one committed
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sqlite3
 import time
 from dataclasses import replace as dataclasses_replace
@@ -276,3 +277,49 @@ def test_a_new_database_appears_whole_and_a_half_made_one_is_discarded(tmp_path:
     assert {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} >= {"meta", "slides",
                                                                                                   "fields"}
     db.close()
+
+
+def test_a_batch_is_one_commit_and_one_fsync_of_its_folder(store: ResultStore, monkeypatch) -> None:
+    store.record(result(0), synthetic_field(0))  # the day's folder exists: a batch writes into it
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    out = store.record_batch([(result(i), synthetic_field(i)) for i in range(1, 4)])
+    store._db.set_trace_callback(None)
+    assert [r.id for r in out] == [2, 3, 4] and all(r.image and store.image_file(r) for r in out)
+    assert statements.count("COMMIT") == 1  # one transaction for the three rows
+    assert len(fsyncs) == 3 + 1  # each JPEG, then their folder once (SQLite's own fsyncs are not os.fsync)
+    assert [store.get(r.id) for r in out] == out
+
+
+def test_a_batch_whose_commit_fails_is_committed_one_by_one(store: ResultStore) -> None:
+    with sqlite3.connect(store.path) as other:  # a row the database refuses (as a damaged page would)
+        other.execute("CREATE TRIGGER poison BEFORE INSERT ON fields WHEN NEW.name = 'poison.jpg' "
+                      "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    items = [(result(1), synthetic_field(1)), (result(2, name="poison.jpg"), synthetic_field(2)),
+             (result(3), synthetic_field(3))]
+    first, bad, last = store.record_batch(items)
+    assert isinstance(bad, StoreError) and "refused" in str(bad)
+    assert first.id is not None and last.id is not None and store.count() == 2  # the others are kept
+    kept = sorted(p.name for p in store.images_dir.rglob("*.jpg"))
+    assert kept == sorted(Path(r.image).name for r in (first, last))  # no image without its record
+    with pytest.raises(StoreError, match="refused"):
+        store.record(result(4, name="poison.jpg"), synthetic_field(4))
+
+
+def test_frames_are_stored_as_jpeg_with_pillow_where_simplejpeg_is_missing(store: ResultStore, monkeypatch) -> None:
+    from device.store import images
+
+    frame = synthetic_field(5)
+    fast = images.encode_jpeg(frame)
+    monkeypatch.setattr(images, "_simplejpeg", lambda: None)
+    slow = images.encode_jpeg(frame)
+    for data in (fast, slow):
+        img = Image.open(io.BytesIO(data))
+        assert img.format == "JPEG" and img.size == (224, 224)
+        # the same picture at quality 90 (4:2:0 chroma) from either encoder
+        assert np.abs(np.asarray(img, np.int16) - frame.astype(np.int16)).mean() < 4.0
+    r = store.record(result(5), frame)
+    assert Image.open(store.image_file(r)).size == (224, 224)
