@@ -168,6 +168,11 @@ def find_field(frame: np.ndarray) -> Field:
     h, w = frame.shape[:2]
     step = max(1, max(h, w) // 256)
     g = luma(frame[::step, ::step])
+    # The lit threshold below is at most max(16, max(g) / 4), as the 98th percentile is at most the maximum. When
+    # fewer pixels than a surround needs lie at or under that bound, the frame has no surround whatever the
+    # percentile is: the same answer, without sorting for the percentile (~0.4 ms a model-size frame).
+    if g.size - int(np.count_nonzero(g <= max(16.0, 0.25 * float(g.max())))) > (1 - DISC_MIN_DARK) * g.size:
+        return Field(w / 2, h / 2, min(h, w) / 2, False)
     lit = g > max(16.0, 0.25 * float(np.percentile(g, 98)))
     n = int(lit.sum())
     if n > (1 - DISC_MIN_DARK) * lit.size or n < 0.05 * lit.size:  # no surround, or hardly lit: whole frame
@@ -196,7 +201,16 @@ def estimate_background(rgb: np.ndarray, valid: np.ndarray | None = None) -> np.
         return np.full(3, BACKGROUND_TARGET)
     g = px.astype(np.float32) @ LUMA
     cut = np.partition(g, int(BACKGROUND_QUANTILE * (len(g) - 1)))[int(BACKGROUND_QUANTILE * (len(g) - 1))]
-    return np.median(px[g >= cut], axis=0).astype(np.float64)
+    bright = px[g >= cut]
+    return np.array([_median_u8(bright[:, c]) for c in range(3)], np.float64)
+
+
+def _median_u8(v: np.ndarray) -> float:
+    """``np.median`` of uint8 values from their histogram: the mean of the two middle order statistics (the
+    middle one when the count is odd), the same float, without sorting."""
+    ranks = np.bincount(v, minlength=256).cumsum()
+    lo, hi = np.searchsorted(ranks, [(len(v) - 1) // 2, len(v) // 2], side="right")
+    return (int(lo) + int(hi)) / 2
 
 
 def normalise_colour(rgb: np.ndarray, background: np.ndarray) -> np.ndarray:

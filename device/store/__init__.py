@@ -17,7 +17,7 @@ classifying.
 The parts: :mod:`~device.store.records` (what is kept and how it maps to rows),
 :mod:`~device.store.schema` (the file, its schema and migrations),
 :mod:`~device.store.images`, :mod:`~device.store.export` (CSV) and this
-module's :class:`ResultStore`, which holds the one connection and the lock.
+module's :class:`ResultStore`, which holds the connections (one writing, one reading) and their locks.
 """
 
 from __future__ import annotations
@@ -52,13 +52,18 @@ from device.store.records import (
     from_row,
     to_row,
 )
-from device.store.schema import DB_NAME, connect, rollback
+from device.store.schema import DB_NAME, connect, connect_reader, rollback
 
 log = logging.getLogger(__name__)
 
 
 class ResultStore:
-    """Thread-safe (one lock) store of field results, slides and frame JPEGs in ``state_dir``."""
+    """Thread-safe store of field results, slides and frame JPEGs in ``state_dir``.
+
+    Two connections, each with its lock: writes (the recorder's commits, slides, pruning) on one, reads (the
+    page, exports, counts) on the other, so the page never waits for a commit, which on an SD card or behind a
+    database locked by another process can take seconds.
+    """
 
     def __init__(self, state_dir: str | Path, *, image_budget_bytes: int = 2 << 30, reserve_bytes: int = 200 << 20,
                  jpeg_quality: int = 90, save_images: bool = True, busy_timeout_s: float = 5.0):
@@ -67,7 +72,8 @@ class ResultStore:
         self.images = ImageStore(self.state_dir, budget_bytes=image_budget_bytes, reserve_bytes=reserve_bytes,
                                  jpeg_quality=jpeg_quality, enabled=save_images)
         self.images_dir = self.images.folder
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the writing connection, and the image files
+        self._rlock = threading.Lock()  # the reading connection
         try:
             self.images_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -78,6 +84,11 @@ class ResultStore:
         except StoreError:
             raise
         except (sqlite3.Error, OSError) as exc:
+            raise store_error(self.path, "open", exc) from exc
+        try:
+            self._rdb = connect_reader(self.path, busy_timeout_s)
+        except (sqlite3.Error, OSError) as exc:
+            self._db.close()
             raise store_error(self.path, "open", exc) from exc
         referenced = {r[0] for r in self._read("SELECT image FROM fields WHERE image IS NOT NULL")}
         self.images.scan(referenced)
@@ -107,8 +118,9 @@ class ResultStore:
 
         The loop's recorder takes every result waiting for it at once: each JPEG is written and fsynced, each
         folder written to is fsynced once, then one transaction (one fsync of the WAL) inserts every row. On a
-        slow SD card fsyncs, not bytes, are what a record costs. If that commit fails, each result is tried
-        again in a transaction of its own, so one bad row cannot take the others with it.
+        slow SD card fsyncs, not bytes, are what a record costs. If the database refuses a row (a constraint),
+        each result is tried again in a transaction of its own, so one bad row cannot take the others with it;
+        when the store itself fails (locked, read-only, full), every result of the batch fails with it.
         """
         for result, _image in items:
             if result.status not in STATUSES:
@@ -124,9 +136,11 @@ class ResultStore:
             try:
                 return list(self._insert(saved))
             except StoreError as exc:
-                if len(saved) == 1:
+                if len(saved) == 1 or not isinstance(exc.__cause__, sqlite3.IntegrityError):
+                    # locked, read-only, full, I/O: the store's state, not a row's; trying each row again would
+                    # only wait out the busy timeout once more per row
                     self._discard(saved)
-                    return [exc]
+                    return [exc] * len(saved)
                 log.warning("committing %d results at once failed (%s); committing them one by one", len(saved), exc)
             out: list[FieldResult | StoreError] = []
             for one in saved:
@@ -193,9 +207,9 @@ class ResultStore:
     # -- reading -------------------------------------------------------------------------------------------
 
     def _read(self, sql: str, args: Any = ()) -> list[tuple]:
-        with self._lock:
+        with self._rlock:
             try:
-                return self._db.execute(sql, args).fetchall()
+                return self._rdb.execute(sql, args).fetchall()
             except sqlite3.Error as exc:
                 raise store_error(self.path, "read", exc) from exc
 
@@ -251,27 +265,27 @@ class ResultStore:
         return csv_lines(self.iter_results(filters), classes)
 
     def stats(self) -> StoreStats:
-        with self._lock:
-            fields = int(self._read("SELECT count(*) FROM fields")[0][0])
-            slides = int(self._read("SELECT count(*) FROM slides")[0][0])
-            db_bytes = 0
-            for suffix in ("", "-wal", "-shm"):
-                try:
-                    db_bytes += os.stat(str(self.path) + suffix).st_size
-                except OSError:
-                    pass
-            return StoreStats(fields, slides, db_bytes, self.images.bytes, self.images.count, self.images.enabled,
-                              self.images.last_error)
+        fields, slides = self._read("SELECT (SELECT count(*) FROM fields), (SELECT count(*) FROM slides)")[0]
+        db_bytes = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                db_bytes += os.stat(str(self.path) + suffix).st_size
+            except OSError:
+                pass
+        images = self.images  # its figures as the last write left them (the writer updates them under its lock)
+        return StoreStats(int(fields), int(slides), db_bytes, images.bytes, images.count, images.enabled,
+                          images.last_error)
 
     def integrity_check(self) -> str:
         return str(self._read("PRAGMA integrity_check")[0][0])
 
     def close(self) -> None:
-        with self._lock:
-            try:
-                self._db.close()
-            except sqlite3.Error as exc:
-                log.warning("closing %s: %s", self.path, exc)
+        with self._lock, self._rlock:
+            for db in (self._rdb, self._db):
+                try:
+                    db.close()
+                except sqlite3.Error as exc:
+                    log.warning("closing %s: %s", self.path, exc)
 
 
 def open_store(state_dir: Path, cfg: StoreConfig) -> ResultStore:

@@ -106,6 +106,20 @@ def connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
     return db
 
 
+def connect_reader(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
+    """A second, read-only connection to the database :func:`connect` opened: in WAL mode its reads see every
+    committed row and neither wait for a commit in progress nor hold one up."""
+    db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        db.execute("PRAGMA query_only=1")
+        db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 def _create(path: Path) -> None:
     """A new database, made whole beside its final name and renamed into place: a power cut while a box
     starts for the first time leaves no database or a complete one, never a file without tables."""

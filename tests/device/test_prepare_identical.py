@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from convert.shifts import eyepiece
-from device.preprocess import LUMA, InputSpec, Prepared, find_field, load_image, prepare, quantize_input
+from device.preprocess import LUMA, Field, InputSpec, Prepared, find_field, load_image, prepare, quantize_input
 from device.quality import QualityThresholds, gate
 from device.sources import synthetic_field
 
@@ -36,6 +36,20 @@ def ref_estimate_background(rgb: np.ndarray, valid: np.ndarray | None = None) ->
     return np.median(px[g >= cut], axis=0).astype(np.float64)
 
 
+def ref_find_field(frame: np.ndarray) -> Field:
+    h, w = frame.shape[:2]
+    step = max(1, max(h, w) // 256)
+    g = frame[::step, ::step].astype(np.float32) @ LUMA
+    lit = g > max(16.0, 0.25 * float(np.percentile(g, 98)))
+    n = int(lit.sum())
+    if n > (1 - 0.03) * lit.size or n < 0.05 * lit.size:
+        return Field(w / 2, h / 2, min(h, w) / 2, False)
+    ys, xs = np.nonzero(lit)
+    iy, ix = int(round(ys.mean())), int(round(xs.mean()))
+    r = max(float(np.sqrt(n / np.pi)), lit[iy].sum() / 2, lit[:, ix].sum() / 2) * step
+    return Field((ix + 0.5) * step, (iy + 0.5) * step, r, True)
+
+
 def ref_normalise_colour(rgb: np.ndarray, background: np.ndarray) -> np.ndarray:
     gain = np.clip(BACKGROUND_TARGET / np.maximum(background, 1.0), *GAIN_RANGE).astype(np.float32)
     return np.clip(rgb.astype(np.float32) * gain + 0.5, 0, 255).astype(np.uint8)
@@ -49,7 +63,7 @@ def ref_field_side(field, frame_shape, size_px):
 
 def ref_prepare(frame: np.ndarray, size: int, *, side_px: float | None = None) -> Prepared:
     h, w = frame.shape[:2]
-    field = find_field(frame)
+    field = ref_find_field(frame)
     side = ref_field_side(field, frame.shape, side_px)
     x0, y0 = field.cx - side / 2, field.cy - side / 2
     k = size / side
@@ -198,3 +212,27 @@ def test_quantize_input_of_other_dtypes_keeps_the_formula() -> None:
         for spec in SPECS:
             s = InputSpec(64, spec.scale, spec.zero_point, spec.dtype)
             assert np.array_equal(quantize_input(x, s), ref_quantize(x, s))
+
+
+def test_find_field_takes_its_shortcut_only_where_the_percentile_would_agree() -> None:
+    rng = np.random.default_rng(11)
+    frames = [f for _name, f, _side in FRAMES]
+    for dark_share in (0.0, 0.02, 0.029, 0.03, 0.031, 0.05, 0.5, 0.96, 0.999):  # around the surround's 3%
+        f = np.full((120, 160, 3), 230, np.uint8)
+        dark = rng.random(f.shape[:2]) < dark_share
+        f[dark] = rng.integers(0, 60, (int(dark.sum()), 3), dtype=np.uint8)
+        frames.append(f)
+    frames.append(np.zeros((64, 64, 3), np.uint8))  # black: hardly lit
+    frames.append(np.full((64, 64, 3), 10, np.uint8))  # every pixel under the floor of 16
+    for f in frames:
+        assert find_field(f) == ref_find_field(f)
+
+
+def test_background_median_from_the_histogram_is_numpys() -> None:
+    from device.preprocess import _median_u8
+
+    rng = np.random.default_rng(12)
+    for n in (1, 2, 3, 4, 7, 100, 101, 7_531):
+        for hi in (2, 256):
+            v = rng.integers(0, hi, n, dtype=np.uint8)
+            assert _median_u8(v) == np.median(v)

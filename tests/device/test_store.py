@@ -7,6 +7,7 @@ import csv
 import io
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import replace as dataclasses_replace
 from pathlib import Path
@@ -323,3 +324,40 @@ def test_frames_are_stored_as_jpeg_with_pillow_where_simplejpeg_is_missing(store
         assert np.abs(np.asarray(img, np.int16) - frame.astype(np.int16)).mean() < 4.0
     r = store.record(result(5), frame)
     assert Image.open(store.image_file(r)).size == (224, 224)
+
+
+def test_a_locked_database_fails_the_whole_batch_at_once(store: ResultStore) -> None:
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        t0 = time.monotonic()
+        out = store.record_batch([(result(i), synthetic_field(i)) for i in range(3)])
+        waited = time.monotonic() - t0
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert all(isinstance(o, StoreError) and "another process holds the database" in str(o) for o in out)
+    assert waited < 3 * 0.2  # one busy time-out (0.2 s here), not one per result
+    assert not list(store.images_dir.rglob("*.jpg"))  # no image without its record
+
+
+def test_the_page_reads_while_a_commit_waits_for_the_database(tmp_path: Path) -> None:
+    s = ResultStore(tmp_path / "s", reserve_bytes=0, busy_timeout_s=2.0)
+    first = s.record(result(0), synthetic_field(0))
+    other = sqlite3.connect(s.path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another process: the commit below waits up to its 2 s busy time-out
+    outcome: list = []
+    writer = threading.Thread(target=lambda: outcome.extend(s.record_batch([(result(1), synthetic_field(1))])))
+    writer.start()
+    try:
+        time.sleep(0.2)  # the writer now holds the store's write lock, waiting for the database
+        t0 = time.monotonic()
+        seen = (s.count(), s.stats().fields, s.get(first.id))
+        waited = time.monotonic() - t0
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        writer.join(10)
+    assert seen == (1, 1, first) and waited < 0.5  # the committed row, read without waiting for the writer
+    assert outcome and outcome[0].id == 2  # and the commit goes through once the database is free
+    s.close()
