@@ -344,6 +344,28 @@ def test_a_result_is_shown_only_after_its_commit_while_the_next_fields_are_class
     assert svc.status().last.id == rows[-1].id  # the page shows the last one committed
 
 
+class BrokenOnceStore(ResultStore):
+    """The real store with one bug armed: the next batch raises as a programming error would."""
+
+    armed = False
+
+    def record_batch(self, items):
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("a bug in the store")
+        return super().record_batch(items)
+
+
+def test_a_bug_in_the_store_fails_its_batch_and_the_uploader_hears_of_it(build, sample_paths, tmp_path) -> None:
+    svc = build(only(sample_paths[0], tmp=tmp_path), trigger={"mode": "button"}, store_cls=BrokenOnceStore)
+    svc.store.armed = True
+    with pytest.raises(RuntimeError, match="a bug in the store"):
+        svc.classify_upload(sample_paths[1].read_bytes(), "first.jpg")
+    r = svc.classify_upload(sample_paths[2].read_bytes(), "second.jpg")  # the recorder goes on
+    assert r.id is not None and [x.name for x in svc.store.query()] == ["second.jpg"]
+    assert svc.running
+
+
 def test_stopping_records_and_shows_every_field_already_classified(build, sample_paths, tmp_path, wait) -> None:
     svc = build(only(*sample_paths[:4], tmp=tmp_path), store_cls=GatedStore)
     assert wait(lambda: svc.status().inference_ms.n == MAX_UNCOMMITTED + 1)
