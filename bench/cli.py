@@ -215,9 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             "shows the last result while the screening thread runs the model, so only inference, head and 'other' "
             "(hand-offs, waiting, losing the cores to the other threads) make up the period; the other stages' "
             "medians are listed as overlapped, their share = their summed time / the summed period.",
-            "'inference' = invoke + dequantize (quantizing the input is in 'preprocess'). 'record' includes encoding "
-            "the frame as a JPEG (store.save_images = true, the shipped default) and the SQLite commit "
-            "(synchronous=FULL); a replayed file that is a plain JPEG is stored as its own bytes, not encoded again.",
+            "'inference' = quantizing the input + invoke + dequantize. 'record' includes encoding the frame as a "
+            "JPEG (store.save_images = true, the shipped default), writing it and the SQLite commit "
+            "(synchronous=FULL), fsyncs included; the recorder commits the results waiting for it together, and "
+            "each result of such a batch is charged an equal share of its time. A replayed file that is a plain "
+            "JPEG is stored as its own bytes, not encoded again.",
             "Bare invoke = the same TFLiteModel object called directly (set input, invoke, read output), in "
             f"{P['loop_blocks'] + 1} segments interleaved with {P['loop_blocks']} loop blocks (a fresh Service each, "
             f"{P['loop_warm']} untimed fields first), so drift on a shared machine hits both figures alike.",
