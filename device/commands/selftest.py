@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import logging
 import os
 import tempfile
@@ -12,6 +13,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from device import config as config_mod
 from device.commands import EXIT_FAIL, EXIT_OK, load_config
@@ -129,7 +132,9 @@ def _samples(clf: Any, samples_dir: Path, cfg: config_mod.Config, min_accuracy: 
 
 
 def _storage(state_dir: Path) -> str:
+    from device.sources import synthetic_field
     from device.store import ResultStore
+    from device.store.images import encode_jpeg, jpeg_encoder
 
     store = ResultStore(state_dir, save_images=False)
     try:
@@ -139,7 +144,11 @@ def _storage(state_dir: Path) -> str:
         fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".selftest-")
         os.close(fd)
         os.unlink(tmp)
-        return f"{store.path} ok, {store.stats().fields} records"
+        frame = synthetic_field(0, (320, 240))
+        with Image.open(io.BytesIO(encode_jpeg(frame))) as img:  # what the recorder does with every frame
+            if img.format != "JPEG" or img.size != (320, 240):
+                raise ValueError(f"a 320x240 frame came back from the JPEG encoder as {img.format} {img.size}")
+        return f"{store.path} ok, {store.stats().fields} records; frame JPEGs by {jpeg_encoder()}"
     finally:
         store.close()
 

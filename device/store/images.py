@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import PIL
 from PIL import Image
 
 from device.errors import StoreError
@@ -50,6 +51,14 @@ def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(frame, "RGB").save(buf, "JPEG", quality=int(quality))
     return buf.getvalue()
+
+
+def jpeg_encoder() -> str:
+    """Which library encodes the frame JPEGs on this machine (``selftest`` says it)."""
+    sj = _simplejpeg()
+    if sj is not None:
+        return f"simplejpeg {getattr(sj, '__version__', '?')}"
+    return f"Pillow {PIL.__version__} (holds the GIL while it encodes: install simplejpeg)"
 
 
 @functools.cache

@@ -361,3 +361,11 @@ def test_the_page_reads_while_a_commit_waits_for_the_database(tmp_path: Path) ->
     assert seen == (1, 1, first) and waited < 0.5  # the committed row, read without waiting for the writer
     assert outcome and outcome[0].id == 2  # and the commit goes through once the database is free
     s.close()
+
+
+def test_the_encoder_in_use_is_named(monkeypatch) -> None:
+    from device.store import images
+
+    assert images.jpeg_encoder().startswith("simplejpeg ")
+    monkeypatch.setattr(images, "_simplejpeg", lambda: None)
+    assert images.jpeg_encoder().startswith("Pillow ") and "install simplejpeg" in images.jpeg_encoder()
