@@ -350,7 +350,10 @@ def test_the_page_reads_while_a_commit_waits_for_the_database(tmp_path: Path) ->
     writer = threading.Thread(target=lambda: outcome.extend(s.record_batch([(result(1), synthetic_field(1))])))
     writer.start()
     try:
-        time.sleep(0.2)  # the writer now holds the store's write lock, waiting for the database
+        deadline = time.monotonic() + 5
+        while len(list(s.images_dir.rglob("*.jpg"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # its JPEG is written: the writer holds the write lock and goes on to the commit
+        time.sleep(0.05)  # ... where it waits for the database
         t0 = time.monotonic()
         seen = (s.count(), s.stats().fields, s.get(first.id))
         waited = time.monotonic() - t0
