@@ -122,10 +122,9 @@ def split(samples: list[Sample], test_fraction: float = TEST_FRACTION, val_fract
     """
     rng = random.Random(seed)
     out: dict[str, list[Sample]] = {p: [] for p in PARTS}
-    for label in sorted({s.label for s in samples}):
-        items = sorted((s for s in samples if s.label == label), key=lambda s: (s.number, s.path))
-        blocks = [items[i:i + block] for i in range(0, len(items), block)]
-        n_test, n_val = round(len(items) * test_fraction), round(len(items) * val_fraction)
+    for blocks in _class_blocks(samples, block).values():
+        items = sum(len(b) for b in blocks)
+        n_test, n_val = round(items * test_fraction), round(items * val_fraction)
         taken = 0
         while blocks and taken + len(blocks[-1]) / 2 <= n_test:  # whole blocks, nearest to the target
             blk = blocks.pop()  # newest first
@@ -151,11 +150,18 @@ def blocks(samples: list[Sample], block: int = BLOCK) -> dict[str, tuple[str, in
     so a part on its own would cut them elsewhere.
     """
     out: dict[str, tuple[str, int, int, int]] = {}
+    for label, class_blocks in _class_blocks(samples, block).items():
+        for b, blk in enumerate(class_blocks):
+            out.update({s.path: (label, b, blk[0].number, blk[-1].number) for s in blk})
+    return out
+
+
+def _class_blocks(samples: list[Sample], block: int) -> dict[str, list[list[Sample]]]:
+    """Per class (sorted by name), its images by acquisition number cut into blocks of ``block``, oldest first."""
+    out: dict[str, list[list[Sample]]] = {}
     for label in sorted({s.label for s in samples}):
         items = sorted((s for s in samples if s.label == label), key=lambda s: (s.number, s.path))
-        for b, i in enumerate(range(0, len(items), block)):
-            blk = items[i:i + block]
-            out.update({s.path: (label, b, blk[0].number, blk[-1].number) for s in blk})
+        out[label] = [items[i:i + block] for i in range(0, len(items), block)]
     return out
 
 
