@@ -141,22 +141,25 @@ class FieldPipeline:
             outcomes = self._commit(batch)
         except BaseException as exc:  # a bug below the store: nothing is shown, the callers hear of it
             for item in batch:
-                item.error = exc
-                if not item.wait:
-                    log.error("recording field %s failed: %s", item.result.name, exc)
-            outcomes = []
-        for k, item in enumerate(batch):
+                self._failed(item, exc, "recording")
+            return
+        for item, result in zip(batch, outcomes, strict=True):
+            item.result = result
             try:
-                if k < len(outcomes):
-                    item.result = outcomes[k]
-                    self.show(item.result, (time.perf_counter() - item.staged.t0) * 1000, item.staged.source != UPLOAD)
+                self.show(result, (time.perf_counter() - item.staged.t0) * 1000, item.staged.source != UPLOAD)
             except BaseException as exc:
-                item.error = exc
-                if not item.wait:
-                    log.error("showing field %s failed: %s", item.result.name, exc)
-            finally:
-                self._slots.release()
-                item.done.set()
+                self._failed(item, exc, "showing")
+                continue
+            self._slots.release()
+            item.done.set()
+
+    def _failed(self, item: _Uncommitted, exc: BaseException, doing: str) -> None:
+        """``item`` is done, with ``exc`` for a caller that waits for it (an upload), or logged for the loop's own."""
+        item.error = exc
+        if not item.wait:
+            log.error("%s field %s failed: %s", doing, item.result.name, exc)
+        self._slots.release()
+        item.done.set()
 
     def _commit(self, batch: list[_Uncommitted]) -> list[FieldResult]:
         """Durable records of ``batch``: each result as recorded, or as it was when its commit failed."""
