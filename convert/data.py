@@ -156,6 +156,17 @@ def blocks(samples: list[Sample], block: int = BLOCK) -> dict[str, tuple[str, in
     return out
 
 
+def split_blocks(path: Path) -> dict[str, tuple[str, int, int, int]]:
+    """:func:`blocks` of the split file at ``path``, cut at that split's own block size."""
+    _, parts, doc = read_split(path)
+    return blocks([s for part in PARTS for s in parts[part]], doc["params"].get("block", BLOCK))
+
+
+def block_groups(block_of: dict[str, tuple[str, int, int, int]], paths) -> np.ndarray:
+    """One group label ("class:block") per path, for grouping fields by patient-sized block."""
+    return np.array([f"{block_of[p][0]}:{block_of[p][1]}" for p in paths])
+
+
 def _class_blocks(samples: list[Sample], block: int) -> dict[str, list[list[Sample]]]:
     """Per class (sorted by name), its images by acquisition number cut into blocks of ``block``, oldest first."""
     out: dict[str, list[list[Sample]]] = {}

@@ -233,22 +233,38 @@ def fingerprint(head: Head, feats: np.ndarray) -> np.ndarray:
     return standardise(head, feats.astype(np.float64))
 
 
-def duplicate_threshold(head: Head, feats: np.ndarray, recaptures: list[np.ndarray], groups: np.ndarray) -> dict:
-    """Cosine threshold between 'the same field again' and 'another field of the same patient block'.
+#: Distinct fields of one block more alike than this share of them are merged as "the same field".
+DUPLICATE_QUANTILE = 0.995
 
-    Distinct fields: pairs of different images of one acquisition block; the threshold is their 99.5th
-    percentile, so at most ~0.5% of distinct fields are merged. Reported: the share of re-captures (the same
-    image refocused, re-compressed, noisier) recognised as duplicates.
+
+def _unit_fingerprints(head: Head, feats: np.ndarray) -> np.ndarray:
+    a = fingerprint(head, feats)
+    return a / np.linalg.norm(a, axis=1, keepdims=True).clip(1e-9)
+
+
+def _distinct_pair_similarities(base: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every pair of different fields within one group (a block of the split)."""
+    sims = [(m @ m.T)[np.triu_indices(len(m), 1)] for m in (base[groups == g] for g in np.unique(groups))]
+    return np.concatenate(sims) if sims else np.zeros(0)
+
+
+def duplicate_threshold(head: Head, feats: np.ndarray, groups: np.ndarray) -> dict:
+    """The cosine threshold between 'the same field again' and 'another field of the same patient block'.
+
+    A choice, so made on validation: pairs of different images of one block (about one patient) are distinct
+    fields, and the threshold is their ``DUPLICATE_QUANTILE`` quantile, so about 0.5% of distinct fields merge.
     """
-    def unit(a):
-        return a / np.linalg.norm(a, axis=1, keepdims=True).clip(1e-9)
+    sims = _distinct_pair_similarities(_unit_fingerprints(head, feats), groups)
+    return {"threshold": float(np.quantile(sims, DUPLICATE_QUANTILE)) if len(sims) else 0.99,
+            "distinct_pairs": len(sims)}
 
-    base = unit(fingerprint(head, feats))
-    sims = []
-    for g in np.unique(groups):
-        m = base[groups == g]
-        s = m @ m.T
-        sims.extend(s[np.triu_indices(len(m), 1)].tolist())
-    thr = float(np.quantile(sims, 0.995)) if sims else 0.99
-    same = [float(np.mean((base * unit(fingerprint(head, r))).sum(1) >= thr)) for r in recaptures]
-    return {"threshold": thr, "distinct_pairs": len(sims), "recaptures_recognised": same}
+
+def duplicate_check(head: Head, feats: np.ndarray, groups: np.ndarray, recaptures: list[np.ndarray],
+                    threshold: float) -> dict:
+    """How a chosen threshold does on held-out fields: the share of distinct pairs of one block it merges, and
+    the share of re-captures (the same image refocused, re-compressed, noisier) it recognises as duplicates."""
+    base = _unit_fingerprints(head, feats)
+    sims = _distinct_pair_similarities(base, groups)
+    return {"distinct_pairs": len(sims), "distinct_merged": float(np.mean(sims >= threshold)) if len(sims) else 0.0,
+            "recaptures_recognised": [float(np.mean((base * _unit_fingerprints(head, r)).sum(1) >= threshold))
+                                      for r in recaptures]}

@@ -93,7 +93,8 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
       f"blocks of each class ({s['test']} images, the new-patient test), **validation** = random whole blocks of "
       f"the rest ({s['val']}), **train** = the remaining blocks ({s['train']}). Split hash `{s['hash'][:16]}`.")
     a("- The validation split makes every choice: the epoch kept, mRMR's k, the SVM's C, the calibration, the "
-      "out-of-distribution method and threshold, the decision thresholds and the slide rule's per-field rates. "
+      "out-of-distribution method and threshold, the decision thresholds, the slide rule's per-field rates and "
+      "its near-duplicate threshold. "
       "The test split is read once, by the evaluation that writes this report.\n")
     a("## Method\n")
     c = m["training"]["config"]
@@ -242,8 +243,10 @@ def _slide_section(a, m: dict) -> None:
       f"false-alert rate at their lower ends) would show that few with p < {r['missed_risk']}; a slide closed "
       "undecided is referred.")
     a(f"Near-duplicate fields (one area refocused or re-captured) add no evidence: fingerprints with cosine "
-      f">= {d['threshold']:.3f} are the same field (the 99.5th percentile of {d['distinct_pairs']} pairs of distinct "
-      f"test fields of one block); re-captures recognised: " +
+      f">= {d['threshold']:.3f} are the same field (chosen on validation: the 99.5th percentile of "
+      f"{d['val_distinct_pairs']} pairs of distinct validation fields of one block of the split). On the test split "
+      f"it merges {_pct(d['distinct_merged'])} of {d['distinct_pairs']} pairs of distinct fields of one block and "
+      "recognises these re-captures of its images as the same field: " +
       ", ".join(f"{n} {_pct(x)}" for n, x in zip(d["recapture_sets"], d["recaptures_recognised"])) + ".\n")
     a("Simulated 100-field slides (2,000 each) drawn from the test split's actual field outcomes; fields are "
       "independent draws, which real slides (fields of one patient) are not:\n")

@@ -16,7 +16,7 @@ import numpy as np
 from convert import data, shifts
 from convert.evaluate import (
     caught,
-    duplicate_threshold,
+    duplicate_check,
     errors_by_block,
     field_outcomes,
     gate_codes,
@@ -54,10 +54,9 @@ def new_patient_blocks(split_path: Path, y: np.ndarray, pred: np.ndarray, class_
 
     ``class_names``: the head's names, in the split's class order (the split knows the data's folder names).
     """
-    folders, parts, doc = data.read_split(split_path)
-    block_of = {path: (class_names[folders.index(label)], *rest) for path, (label, *rest) in
-                data.blocks([s for part in data.PARTS for s in parts[part]],
-                            doc["params"].get("block", data.BLOCK)).items()}
+    folders, parts, _ = data.read_split(split_path)
+    block_of = {path: (class_names[folders.index(label)], *rest)
+                for path, (label, *rest) in data.split_blocks(split_path).items()}
     return errors_by_block(y, pred, [s.path for s in parts["test"]], block_of)
 
 
@@ -87,9 +86,7 @@ def evaluate_all(o: Options) -> dict:
     rules = slide_rules(val)
     suite = shifts.suite()
     ok_all = [s == Status.OK and a for s, a in zip(test["status"], test["alert"])]
-    _, parts, _ = data.read_split(pp.split)
-    # neighbouring acquisition numbers (blocks of the default split's size: about one patient)
-    blocks = np.array([f"{t.label}:{t.number // data.BLOCK}" for t in parts["test"]])
+    test_blocks = data.block_groups(data.split_blocks(pp.split), z["test_names"])
     recapture_keys = [k for k in zs.files if k.count("|") == 2 and k.split("|")[1] == "mild"
                       and suite[int(k.split("|")[0])].family in ("defocus", "JPEG", "sensor noise")]
     m = {
@@ -113,7 +110,9 @@ def evaluate_all(o: Options) -> dict:
         "thresholds": asdict(th), "thresholds_info": sel["thresholds_info"],
         "slide_rules": asdict(rules),
         "slides": simulate_slides(test["status"], test["alert"], ok_all, y, benign, rules, seed=o.seed),
-        "duplicates": duplicate_threshold(head, z["test"], [zs[k] for k in recapture_keys], blocks),
+        "duplicates": {"threshold": sel["duplicate_similarity"], "val_distinct_pairs": sel["duplicate_val_pairs"],
+                       **duplicate_check(head, z["test"], test_blocks, [zs[k] for k in recapture_keys],
+                                         sel["duplicate_similarity"])},
         "table2": table2(z["train"], z["y_train"], np.array(sel["ranking"]), sel["k"], sel["C"], o.folds, o.seed),
         "geometry": {"field_px": float(z["field_px"]), "rbc_diameter_px": float(z["rbc_diameter_px"])},
     }

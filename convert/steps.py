@@ -302,10 +302,11 @@ def screen(model, frame: np.ndarray, size: int, side_px: float | None = None) ->
 
 
 def head(o: Options) -> None:
-    """mRMR + SVM on train; k, C, calibration, OOD method and threshold, decision thresholds on validation."""
+    """mRMR + SVM on train; k, C, calibration, OOD method and threshold, decision thresholds and the slide's
+    near-duplicate threshold on validation."""
     from dataclasses import asdict
 
-    from convert.evaluate import gate_codes
+    from convert.evaluate import duplicate_threshold, gate_codes
     from convert.fit import choose_k, choose_thresholds, compare_ood
     from device.head import save_head
 
@@ -325,14 +326,16 @@ def head(o: Options) -> None:
                 sets[name] = (zo[name], zo[name + "|q"])
         h, table = compare_ood(xtr, ytr, xva, yva, classes, idx, sel.C, o.seed, sets)
         th, th_info = choose_thresholds(h, xva, yva, benign)
+        dup = duplicate_threshold(h, xva, data.block_groups(data.split_blocks(pp.split), z["val_names"]))
         save_head(pp.head, h)
         pp.selection.write_text(json.dumps({
             "k": sel.k, "C": sel.C, "criterion": o.criterion, "ranking": sel.ranking.tolist(), "table": sel.table,
             "best_val_accuracy": sel.best, "one_se": sel.se, "ood_method": h.ood_method, "ood_comparison": table,
-            "thresholds": asdict(th), "thresholds_info": th_info}, indent=1))
+            "thresholds": asdict(th), "thresholds_info": th_info, "duplicate_similarity": dup["threshold"],
+            "duplicate_val_pairs": dup["distinct_pairs"]}, indent=1))
         print(f"head: mRMR ({o.criterion}) k={sel.k} (paper: 521), C={sel.C}, OOD {h.ood_method} > "
               f"{h.ood_threshold:.3f}, thresholds {th}")
         return {"k": sel.k, "C": sel.C}
 
-    run_step(o, "head", [pp.features, pp.ood], [pp.head, pp.selection],
-             {"criterion": o.criterion, "seed": o.seed, "version": 2}, go)
+    run_step(o, "head", [pp.features, pp.ood, pp.split], [pp.head, pp.selection],
+             {"criterion": o.criterion, "seed": o.seed, "version": 3}, go)

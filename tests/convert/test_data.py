@@ -88,6 +88,19 @@ def test_blocks_are_the_blocks_the_split_cut(smear_dir):
         assert part_of[newest.path] == "test"
 
 
+def test_split_blocks_reads_the_split_files_block_size(smear_dir, tmp_path):
+    scan = data.scan(smear_dir)
+    parts = data.split(scan.samples, 0.25, 0.25, block=2, seed=0)
+    data.write_split(tmp_path / "split.json", scan, parts, block=2)
+    block_of = data.split_blocks(tmp_path / "split.json")
+    assert block_of == data.blocks([s for p in data.PARTS for s in parts[p]], block=2)
+    assert block_of != data.blocks([s for p in data.PARTS for s in parts[p]])  # not the default block size
+    names = [s.path for s in parts["val"]]
+    groups = data.block_groups(block_of, names)
+    assert list(groups) == [f"{block_of[n][0]}:{block_of[n][1]}" for n in names]
+    assert len(set(groups)) == len({block_of[n][:2] for n in names})
+
+
 def test_scale_bar_corner_is_covered_with_the_texture_above_it(smear_dir):
     import numpy as np
 
