@@ -1,7 +1,7 @@
 {
  "algorithm": "Ed25519",
- "key_id": "c2e6c01e4e9a8359",
- "manifest_sha256": "72da18813d05fa857392660e5373d3b5433e4814fe4b9695f8f522e4e5c5fd24",
- "signed": "2026-12-07T16:31:57+00:00",
- "signature": "c+agOmZ23mSHqE4XeZL/PnEQ0QjJa7V7Y0IENJ+P7VU+NioTLROFOw5zZxv6yS39dIfy4BuYIQrFSRe3dWfcCQ=="
+ "key_id": "5f517f13c7a93519",
+ "manifest_sha256": "ca150deda12633e4da3376f3386a229b791d239a781b2d0b453beae47d0748a8",
+ "signed": "2026-12-08T01:11:50+00:00",
+ "signature": "JpomQXRmT65I9cTZ6oUYK/ZxONn4anewktE3bb7pPjXVxZ1lr10/rkM7PSaFZJhv3Pu6RryOfuLuyoO7terVCQ=="
 }
