@@ -37,3 +37,17 @@ def test_the_live_snapshot_reads_the_newest_results_once_per_seq() -> None:
     assert cache.get(1, read) == [{"n": 1}] and cache.get(1, read) == [{"n": 1}] and len(reads) == 1
     assert cache.get(2, read) == [{"n": 2}] and len(reads) == 2  # a new field recorded: read again
     assert cache.get(None, read) == [{"n": 3}] and cache.get(None, read) == [{"n": 4}]  # no seq: never shared
+
+
+def test_status_percentiles_are_numpys_linear_percentiles() -> None:
+    import numpy as np
+
+    from device.loop.status import Timing, percentile
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 7, 100, 299):
+        values = list(rng.gamma(2.0, 5.0, n))
+        for q in (0, 50, 95, 99, 100):
+            assert percentile(values, q) == round(float(np.percentile(values, q)), 2), (n, q)
+    assert percentile([], 95) is None
+    assert Timing.of([4.0, 1.0, 3.0, 2.0]) == Timing(2.5, 3.85, 4)  # unsorted input

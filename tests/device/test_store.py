@@ -198,6 +198,26 @@ def test_integrity_and_stats(store: ResultStore) -> None:
     assert st.fields == 1 and st.db_bytes > 0 and st.image_bytes > 0 and st.image_count == 1
 
 
+def test_stats_counts_stay_exact_as_rows_arrive_from_this_and_other_connections(tmp_path: Path) -> None:
+    a = ResultStore(tmp_path / "state", reserve_bytes=0)
+    b = ResultStore(tmp_path / "state", reserve_bytes=0)  # another writer on the same database
+    assert (a.stats().fields, a.stats().slides) == (0, 0)
+    sid = a.start_slide()
+    a.record_batch([(result(i, slide=sid), None) for i in range(3)])
+    assert (a.stats().fields, a.stats().slides) == (3, 1)
+    b.record(result(9))
+    b.start_slide()
+    a.record(result(10))
+    truth = a._read("SELECT (SELECT count(*) FROM fields), (SELECT count(*) FROM slides)")[0]
+    assert (a.stats().fields, a.stats().slides) == truth == (5, 2)
+    assert b.stats().fields == 5  # b counts from its own start, and sees a's rows too
+    a.close()
+    b.close()
+    c = ResultStore(tmp_path / "state", reserve_bytes=0)
+    assert c.stats().fields == 5  # reopened: counted afresh
+    c.close()
+
+
 def test_bad_status_is_refused(store: ResultStore) -> None:
     with pytest.raises(ValueError):
         store.record(result(1, status="maybe"))
