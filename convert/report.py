@@ -20,7 +20,7 @@ def _ci(r: dict) -> str:
     return f"{_pct(r['rate'])} [{_pct(r['lo'])}, {_pct(r['hi'])}] ({r['k']}/{r['n']})"
 
 
-def _figures(o: Options, fig: Path, manifest: dict, m: dict) -> list[dict]:
+def _figures(o: Options, fig: Path, manifest: dict, m: dict) -> None:
     classes = manifest["classes"]
     figures.confusion(m["test"]["confusion"], classes, "int8 + mRMR + SVM, new-patient test",
                       fig / "confusion_int8_svm.png")
@@ -33,8 +33,24 @@ def _figures(o: Options, fig: Path, manifest: dict, m: dict) -> list[dict]:
     curves = paths(o).train_dir / CURVES_FILE
     if curves.exists():
         shutil.copyfile(curves, fig / "training_curves.png")
-    history = paths(o).train_dir / HISTORY_FILE
-    return json.loads(history.read_text()) if history.exists() else []
+
+
+def training_history(o: Options) -> tuple[list[dict], bool]:
+    """(the per-epoch history of the weights this build ships, whether the build reused committed weights).
+
+    A build that trained has it in its work folder. A build that reused the committed weights takes the history
+    saved inside them (weights saved before 2026-12-08 carry none: then it is [])."""
+    pp = paths(o)
+    stamp = pp.stamps / "train.json"
+    reused = stamp.exists() and bool(json.loads(stamp.read_text()).get("reused"))
+    history = pp.train_dir / HISTORY_FILE
+    if history.exists() and not reused:
+        return json.loads(history.read_text()), False
+    if not pp.weights.exists():
+        return [], reused
+    import torch
+
+    return list(torch.load(pp.weights, map_location="cpu", weights_only=False).get("history", [])), reused
 
 
 def _range_text(r: dict | str) -> str:
@@ -45,8 +61,9 @@ def _range_text(r: dict | str) -> str:
             f"{r['images']} of them, the rare larger values clipped: `--range-percentile {r['percentile']:g}`)")
 
 
-def training_text(c: dict, hist: list[dict]) -> str:
-    """The recipe as the report states it: configuration ``c`` and the epochs this build ran (``hist``)."""
+def training_text(c: dict, hist: list[dict], *, reused: bool = False) -> str:
+    """The recipe as the report states it: configuration ``c`` and the epochs of the run that trained the shipped
+    weights (``hist``): this build's, or, when it ``reused`` the committed weights, the run that saved them."""
     txt = (f"**DarkNet19** (19 conv, 5 max-pool, BN, LeakyReLU 0.1; 1000-d global-pooled features), trained from "
            f"scratch on the CPU: SGD momentum {c['momentum']:g}, L2 {c['weight_decay']:g}, batch {c['batch']}; "
            f"first cycle: cosine LR from {c['lr']:g}, {c['low_epochs']} epochs at {c['low_size']} px then "
@@ -57,8 +74,13 @@ def training_text(c: dict, hist: list[dict]) -> str:
                 f"n / (K n_class): every class weighs as much as if the classes were balanced), cosine LR from "
                 f"{c['tune_lr']:g} after a one-epoch warm-up")
     given = [h for h in hist if h.get("given")]
+    if reused and hist:
+        txt += (". This build reused the committed weights (`models/source/`)" +
+                ("; the run that trained them" if given else ", trained by this recipe"))
+    elif given:
+        txt += ". This build"
     if given:
-        txt += (f". This build took the first cycle from the committed weights of the recipe before the tune stage "
+        txt += (f" took the first cycle from the committed weights of the recipe before the tune stage "
                 f"(`models/source/` then; validation accuracy {_pct(given[0]['val_acc'])}, balanced "
                 f"{_pct(given[0]['val_bacc'])}; their optimizer momentum was not kept) and ran the tune stage")
     kept = kept_epoch(hist, c["size"])
@@ -67,13 +89,17 @@ def training_text(c: dict, hist: list[dict]) -> str:
         return (txt + f"; kept epoch {kept} by validation balanced accuracy (mean per-class recall) "
                 f"{_pct(h.get('val_bacc', h['val_acc']))}, accuracy {_pct(h['val_acc'])}" +
                 (" (the given first cycle: no tune epoch did better)." if h.get("given") else "."))
-    return (txt + ". This build reused the committed weights (`models/source/`), so its work folder holds their "
-            "configuration but not their per-epoch history; the training curves below are those of the run that "
-            "trained them.")
+    if not reused:
+        return txt + (". The per-epoch history of this build's training is neither in its work folder nor in "
+                      "the weights.")
+    return (txt + ". This build reused the committed weights (`models/source/`), which were saved without their "
+            "per-epoch history (weights saved before 2026-12-08 carry none); the training curves below are those "
+            "of the run that trained them.")
 
 
 def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, float]) -> None:
-    hist = _figures(o, out / FIGURES_DIR, manifest, m)
+    _figures(o, out / FIGURES_DIR, manifest, m)
+    hist, reused = training_history(o)
     q, t, sel, s = manifest["quantization"], m["test"], m["selection"], manifest["split"]
     th = m["thresholds"]
     L: list[str] = []
@@ -98,7 +124,7 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
       "The test split is read once, by the evaluation that writes this report.\n")
     a("## Method\n")
     c = m["training"]["config"]
-    a("1. " + training_text(c, hist))
+    a("1. " + training_text(c, hist, reused=reused))
     tune = (f"; the tune stage at {c['tune_shift_strength']:g}x: {describe_augmentation(c['tune_shift_strength'])}"
             if c.get("tune_epochs") else "")
     a(f"2. **Augmentation** covering the shift families below: flips, rotations, shear, defocus, JPEG 30-90, the "

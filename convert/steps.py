@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from convert import data
-from convert.options import WEIGHTS_FILE, Options, load_part, paths
+from convert.options import HISTORY_FILE, WEIGHTS_FILE, Options, load_part, paths
 from device.bundle import MANIFEST, sha256_file
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,12 @@ def train(o: Options, cfg) -> None:
         _, xva, yva, _ = load_part(o, "val", cfg.size)
         t0 = time.time()
         net = train_net(cfg, src, ytr, xva, yva, len(classes), pp.train_dir, first_cycle=committed_first_cycle(o, cfg))
+        history = pp.train_dir / HISTORY_FILE  # saved with the weights, so a build that reuses them can report it
         torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()},
                     "classes": classes, "width": cfg.width,
                     "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
-                    "seconds": time.time() - t0}, pp.weights)
+                    "seconds": time.time() - t0,
+                    "history": json.loads(history.read_text()) if history.exists() else []}, pp.weights)
         return {"epochs": cfg.epochs}
 
     params = {f.name: getattr(cfg, f.name) for f in fields(cfg)}

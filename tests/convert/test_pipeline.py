@@ -141,8 +141,20 @@ def test_committed_weights_are_reused_instead_of_retraining(built, smear_dir, ca
     assert cfg.get("reused") is True
     import torch
 
-    params = torch.load(tmp / "models" / "source" / "darknet19-fp16.pt", weights_only=False)["config"]
+    state = torch.load(tmp / "models" / "source" / "darknet19-fp16.pt", weights_only=False)
+    params = state["config"]
     assert not reuse_committed_weights(o, {**params, "low_epochs": params["low_epochs"] + 1})
+    # the weights carry the history of the run that trained them, so a build that reuses them still reports it
+    from convert.report import training_history, training_text
+
+    assert state["history"] == json.loads((tmp / "work" / "train" / "history.json").read_text())
+    hist, reused = training_history(o)
+    assert reused and hist == state["history"]
+    line = training_text(params, hist, reused=True)
+    assert "This build reused the committed weights" in line and "kept epoch" in line
+    assert training_text(params, [], reused=True).endswith("those of the run that trained them.")
+    assert training_history(Options(data=smear_dir, work=tmp / "work", models=tmp / "models")) == (
+        state["history"], False)  # the build that trained: its own work folder's history
 
 
 @pytest.mark.slow
