@@ -268,11 +268,12 @@ def _slide_section(a, m: dict) -> None:
       f"n >= {r['benign_fields']} and a slide with {_pct(r['min_blast_fraction'])} blast fields (sensitivity and "
       f"false-alert rate at their lower ends) would show that few with p < {r['missed_risk']}; a slide closed "
       "undecided is referred.")
-    a(f"Near-duplicate fields (one area refocused or re-captured) add no evidence: fingerprints with cosine "
-      f">= {d['threshold']:.3f} are the same field (chosen on validation: the 99.5th percentile of "
-      f"{d['val_distinct_pairs']} pairs of distinct validation fields of one block of the split). On the test split "
-      f"it merges {_pct(d['distinct_merged'])} of {d['distinct_pairs']} pairs of distinct fields of one block and "
-      "recognises these re-captures of its images as the same field: " +
+    a(f"A field whose fingerprint has cosine >= {d['threshold']:.3f} with one of the slide's recent fields is taken "
+      "for the same area again (refocused or re-captured) and adds no evidence. The threshold was chosen on "
+      f"validation: the 99.5th percentile of {d['val_distinct_pairs']} pairs of distinct validation fields of one "
+      f"block of the split. On the test split it merges {_pct(d['distinct_merged'])} of {d['distinct_pairs']} "
+      "pairs of distinct fields of one block, and takes these re-captures of its images for the same field (the "
+      "rest count as new fields): " +
       ", ".join(f"{n} {_pct(x)}" for n, x in zip(d["recapture_sets"], d["recaptures_recognised"])) + ".\n")
     a("Simulated 100-field slides (2,000 each) drawn from the test split's actual field outcomes; fields are "
       "independent draws, which real slides (fields of one patient) are not:\n")
