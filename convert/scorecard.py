@@ -30,6 +30,7 @@ from convert.evaluate import (
 )
 from convert.fit import OOD_VAL_REFER
 from convert.options import Options, load_part, paths
+from convert.quantize import decisions_agreement
 from device.bundle import Thresholds
 from device.head import load_head
 from device.slides import SlideRules
@@ -99,7 +100,9 @@ def evaluate_all(o: Options) -> dict:
                         "confusion": _confusion(y, cnn_pred, len(classes))},
         "float_svm": {"accuracy": flt["accuracy"]},
         "int8_float_agreement": rate(int((np.array(test["pred"]) == np.array(flt["pred"])).sum()), len(y)),
-        "int8_float_decision_agreement": rate(_same_decisions(test, flt), len(y)),
+        # the device's decision (status, label, ALL alert), as for the two graphs below: one definition
+        "int8_float_decision_agreement": rate(decisions_agreement(head, classes[benign], th, z["test"],
+                                                                  z["test_float"])["decisions_agree"], len(y)),
         "cnn_int8_agreement": rate(int((np.array(test["pred"]) == cnn_pred).sum()), len(y)),
         "shifts": shift_table(head, th, benign, y, zs, suite),
         "ood": _ood(head, th, benign, zo, zs, suite, z),
@@ -122,10 +125,6 @@ def evaluate_all(o: Options) -> dict:
         m["graph_agreement"] = graph_agreement(pp.tflite, pp.edgetpu_friendly, x_te, head, "Benign", th)
     m["duplicates"]["recapture_sets"] = [suite[int(k.split("|")[0])].name for k in recapture_keys]
     return m
-
-
-def _same_decisions(a: dict, b: dict) -> int:
-    return sum(sa == sb and pa == pb for sa, sb, pa, pb in zip(a["status"], b["status"], a["pred"], b["pred"]))
 
 
 def _ood(head, th, benign, zo, zs, suite, z) -> dict:

@@ -55,6 +55,7 @@ def test_chain_builds_a_bundle_the_device_accepts(built, smear_dir):
         assert words in report
     metrics = json.loads((tmp / "models" / "metrics.json").read_text())
     assert sum(r["n"] for r in metrics["test_blocks"]) == metrics["test"]["n"]
+    assert metrics["int8_float_decision_agreement"]["n"] == metrics["test"]["n"]  # every test field, one definition
     assert sum(r["wrong"] for r in metrics["test_blocks"]) == metrics["test"]["n"] - metrics["test"]["accuracy"]["k"]
     families = {r["family"] for r in metrics["shifts"]}
     assert {"hue", "defocus", "JPEG", "magnification", "eyepiece frame", "sensor noise"} <= families
