@@ -1,7 +1,7 @@
 {
  "algorithm": "Ed25519",
  "key_id": "5f517f13c7a93519",
- "manifest_sha256": "ca150deda12633e4da3376f3386a229b791d239a781b2d0b453beae47d0748a8",
- "signed": "2026-12-08T01:11:50+00:00",
- "signature": "JpomQXRmT65I9cTZ6oUYK/ZxONn4anewktE3bb7pPjXVxZ1lr10/rkM7PSaFZJhv3Pu6RryOfuLuyoO7terVCQ=="
+ "manifest_sha256": "59074fae766afcbc6816a14bfd9a76f173c0c7705eed53212f8fbc44945657ce",
+ "signed": "2026-12-08T02:49:19+00:00",
+ "signature": "Ypk8TFlPSgKmKzqPdkcjdxMpjXNN3dRdziPr9dztam/tDQbdkakY3/JxYnheZlSqCHaffQ+Nca7WtcFbVHd5Dw=="
 }
