@@ -33,7 +33,8 @@ class Timing:
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Timing:
-        return cls(percentile(values, 50), percentile(values, 95), len(values))
+        v = sorted(values)
+        return cls(_percentile_of_sorted(v, 50), _percentile_of_sorted(v, 95), len(v))
 
     def to_dict(self) -> dict[str, Any]:
         return {"p50": self.p50, "p95": self.p95, "n": self.n}
@@ -104,9 +105,12 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     In plain Python: the page asks for these on every status request, and for a few hundred values numpy's
     call overhead (~0.1 ms) is most of the cost.
     """
-    if not values:
+    return _percentile_of_sorted(sorted(values), q)
+
+
+def _percentile_of_sorted(v: Sequence[float], q: float) -> float | None:
+    if not v:
         return None
-    v = sorted(values)
     pos = (len(v) - 1) * (q / 100)
     i = min(int(pos), len(v) - 1)
     if i + 1 == len(v):

@@ -78,6 +78,7 @@ class ResultStore:
         # appended): ``count(*)`` walks a whole index, ~5 ms a million fields on a fast x86 core, and the page
         # asks for it every few seconds for the life of the box. table -> (highest rowid counted, rows).
         self._counted = {"fields": (0, 0), "slides": (0, 0)}
+        self._counted_lock = threading.Lock()  # one count updated at a time (the page's threads ask at once)
         try:
             self.images_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -270,13 +271,9 @@ class ResultStore:
 
     def _row_count(self, table: str) -> int:
         """Rows of ``table`` (``fields`` or ``slides``): the last count plus the rows past its highest rowid."""
-        with self._rlock:
+        with self._counted_lock:
             last, n = self._counted[table]
-            try:
-                new, top = self._rdb.execute(f"SELECT count(*), max(rowid) FROM {table} WHERE rowid > ?",
-                                             (last,)).fetchone()
-            except sqlite3.Error as exc:
-                raise store_error(self.path, "read", exc) from exc
+            new, top = self._read(f"SELECT count(*), max(rowid) FROM {table} WHERE rowid > ?", (last,))[0]
             if top is not None:
                 self._counted[table] = (int(top), n + int(new))
             return self._counted[table][1]
@@ -290,7 +287,7 @@ class ResultStore:
             except OSError:
                 pass
         images = self.images  # its figures as the last write left them (the writer updates them under its lock)
-        return StoreStats(int(fields), int(slides), db_bytes, images.bytes, images.count, images.enabled,
+        return StoreStats(fields, slides, db_bytes, images.bytes, images.count, images.enabled,
                           images.last_error)
 
     def integrity_check(self) -> str:
