@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     # gives here (the cores but one by default); the model comparisons use --threads.
     loop_threads = interpreter_threads(args.loop_threads)
     clf = Classifier.open(bundle, num_threads=args.threads, use_edgetpu=False)
-    clf_loop = clf if loop_threads == args.threads else Classifier.open(bundle, num_threads=loop_threads,
-                                                                        use_edgetpu=False)
+    # pin_cores as `[model] pin_cores = true` (the shipped default) makes it for `make run`.
+    clf_loop = Classifier.open(bundle, num_threads=loop_threads, use_edgetpu=False, pin_cores=True)
     results: dict = {"meta": {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
         "bundle": {"dir": os.path.relpath(bundle_dir, ROOT), "name": bundle.name, "input_size": bundle.input.size,
@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                    "edgetpu_friendly_graph": bundle.edgetpu_friendly_path is not None,
                    "edgetpu_compiled_graph": bundle.edgetpu_path is not None,
                    "metrics": bundle.manifest.get("metrics")},
-        "threads": args.threads, "loop_threads": loop_threads, "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "threads": args.threads, "loop_threads": loop_threads,
+        "loop_cores": clf_loop.model.cores.describe() if clf_loop.model.cores else None,
+        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         "runtime": clf.model.runtime, "quick": args.quick, "sections": wanted,
         "versions": {d: _version(d) for d in ("ai-edge-litert", "onnxruntime", "numpy", "pillow", "flask",
                                                "waitress")}},
@@ -208,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                "what the shipped `[model] threads = 0` gives here (the cores but one, 1 to 4: the core left over "
                "runs capture, gate, preparation, record, LEDs and the page)")
             + ", and its bare invoke is timed at the same count"
+            + (f" on the same cores ({clf_loop.model.cores.describe()}, as `[model] pin_cores = true` splits them)"
+               if clf_loop.model.cores else "")
             + (f"; the same loop at {args.threads} threads (--threads) is the comparison below it."
                if args.threads != loop_threads else "."),
             "Time per field = interval between consecutive frame captures. The loop is a pipeline: the frames "

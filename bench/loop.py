@@ -54,6 +54,7 @@ from device.leds import LedDriver
 from device.notify import Notifier
 from device.pi_camera import lores_size, main_rgb, yuv420_to_rgb
 from device.preprocess import frame_to_rgb, load_image, quantize_input
+from device.priority import pinned
 from device.quality import assess
 from device.sources import Frame, ReplaySource, list_images
 from device.store import ResultStore
@@ -256,14 +257,17 @@ def field_stages(*blocks: list[Rec]) -> dict:
 
 
 def bare_invoke(model: Any, rgb: np.ndarray, seconds: float, min_runs: int = 10) -> list[float]:
-    """The loop's own TFLiteModel, called directly: set input, invoke, read output."""
+    """The loop's own TFLiteModel, called directly: set input, invoke, read output; on the cores the loop's
+    screening thread keeps to (``model.cores``, as ``[model] pin_cores`` makes them), so that both figures of a
+    ratio run on the same cores."""
     x = quantize_input(rgb, model.input_spec)
-    model.invoke(x)
-    out, t_end = [], time.perf_counter() + seconds
-    while len(out) < min_runs or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
+    with pinned(model.cores.interpreter if model.cores else None):
         model.invoke(x)
-        out.append((time.perf_counter() - t0) * 1000)
+        out, t_end = [], time.perf_counter() + seconds
+        while len(out) < min_runs or time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            model.invoke(x)
+            out.append((time.perf_counter() - t0) * 1000)
     return out
 
 

@@ -35,6 +35,7 @@ from device.install import Verified, installed, verify_bundle
 from device.leds import AlertInputs, LedDriver, Pattern, alert_state, make_pin_factory
 from device.notify import Notifier
 from device.pi_camera import Picamera2Source
+from device.priority import use_split
 from device.service import Service
 from device.sources import FileSource, FrameSource, ReplaySource, SyntheticSource
 from device.store import ResultStore, open_store
@@ -79,7 +80,8 @@ def open_bundle(cfg: Config, res: Resolved) -> Verified:
     """
     return verify_bundle(res.model_dir, res.keys_dir, require_signature=cfg.model.require_signature,
                          threads=cfg.model.threads, use_edgetpu=cfg.model.use_edgetpu,
-                         references=False, rbc_diameter_px=cfg.camera.rbc_diameter_px, signature_apart=True)
+                         references=False, rbc_diameter_px=cfg.camera.rbc_diameter_px, signature_apart=True,
+                         pin_cores=cfg.model.pin_cores)
 
 
 def ensure_token(state_dir: Path, configured: str) -> str:
@@ -198,6 +200,7 @@ class App:
     def close(self) -> None:
         self.notifier.stopping("stopping")
         with ExitStack() as stack:  # each one closes even if one before it fails
+            stack.callback(use_split, None)
             stack.callback(self.notifier.close)
             stack.callback(self.store.close)
             if self.leds is not None:
@@ -247,6 +250,8 @@ def build(cfg: Config, *, on_pi: bool | None = None, notifier: Notifier | None =
                      v.signed.describe() if v.signed else "NOT signature-checked", classifier.model.delegate,
                      classifier.model.runtime)
         bundle = classifier.bundle
+        use_split(classifier.model.cores)  # the helper threads started from here on keep off the model's cores
+        undo.callback(use_split, None)
         app_store = store(res.state_dir, cfg.store)
         undo.callback(app_store.close)
         token = ensure_token(res.state_dir, cfg.web.token)

@@ -162,9 +162,9 @@ class Classifier:
 
     @classmethod
     def open(cls, bundle: Bundle, *, num_threads: int = 4, use_edgetpu: bool = True,
-             rbc_diameter_px: float = 0.0) -> Classifier:
+             rbc_diameter_px: float = 0.0, pin_cores: bool = False) -> Classifier:
         model = TFLiteModel(bundle.model_path, num_threads=num_threads, edgetpu_path=bundle.edgetpu_path,
-                            use_edgetpu=use_edgetpu)
+                            use_edgetpu=use_edgetpu, pin_cores=pin_cores)
         clf = cls(bundle, model, rbc_diameter_px=rbc_diameter_px)
         clf.features(np.full((bundle.input.size, bundle.input.size, 3), 200, np.uint8))  # warm-up
         return clf

@@ -58,6 +58,9 @@ class ModelConfig:
     dir: Path = Path("models")
     #: TFLite CPU threads; 0 = the cores but one, 1 to 4 (``device.inference.interpreter_threads``).
     threads: int = field(default=0, metadata=value_range(0, 16))
+    #: With a core left over, keep the interpreter's threads and the helpers on cores of their own
+    #: (``device.priority``).
+    pin_cores: bool = True
     use_edgetpu: bool = True
     #: Installed bundles and the ``active``/``previous`` pointers. "" = ``bundles`` in the state dir.
     bundles_dir: Path | None = None

@@ -22,6 +22,7 @@ import numpy as np
 
 from device.errors import BundleError, RuntimeUnavailableError
 from device.preprocess import InputSpec
+from device.priority import CoreSplit, pinned, split_cores
 from device.tflite_check import check_tflite
 
 log = logging.getLogger(__name__)
@@ -87,11 +88,13 @@ class OutputSpec:
 class TFLiteModel:
     """A loaded int8 feature extractor: int8 NHWC in, int8 feature vector out.
 
-    ``num_threads`` 0 is ``[model] threads = 0``: :func:`interpreter_threads` picks the count.
+    ``num_threads`` 0 is ``[model] threads = 0``: :func:`interpreter_threads` picks the count. ``pin_cores``
+    (the service's ``[model] pin_cores``): when a core is left over, ``cores`` is the split
+    (:func:`device.priority.split_cores`) and the interpreter's own worker threads are made on its cores.
     """
 
     def __init__(self, path: Path, *, num_threads: int = 4, edgetpu_path: Path | None = None,
-                 use_edgetpu: bool = True):
+                 use_edgetpu: bool = True, pin_cores: bool = False):
         Interpreter, load_delegate, self.runtime = _import_runtime()
         self.delegate = "cpu"
         self.path = Path(path)
@@ -105,9 +108,13 @@ class TFLiteModel:
                 self.delegate, self.path = "edgetpu", Path(edgetpu_path)
             except (ValueError, OSError, RuntimeError) as exc:
                 log.info("Edge TPU not used (%s); running on the CPU", exc)
+        self.threads = interpreter_threads(num_threads)
+        self.cores: CoreSplit | None = None
         if interp is None:
+            self.cores = split_cores(self.threads) if pin_cores else None
             try:
-                interp = Interpreter(model_path=str(path), num_threads=interpreter_threads(num_threads))
+                with pinned(self.cores.interpreter if self.cores else None):  # XNNPACK's pool threads start here
+                    interp = Interpreter(model_path=str(path), num_threads=self.threads)
             except (ValueError, RuntimeError) as exc:
                 raise BundleError(f"{path}: the TFLite runtime cannot load this model ({exc}); "
                                   "rebuild the bundle with `make convert`") from exc

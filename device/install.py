@@ -85,14 +85,14 @@ class Verified:
 
 def verify_bundle(folder: Path, keys_dir: Path, *, require_signature: bool = True, threads: int = 1,
                   use_edgetpu: bool = False, references: bool = True, rbc_diameter_px: float = 0.0,
-                  signature_apart: bool = False) -> Verified:
+                  signature_apart: bool = False, pin_cores: bool = False) -> Verified:
     """Everything a bundle must pass before this box runs it; the first failure raises, naming what and why.
 
     Order: signature (who made it: nothing untrusted is parsed further), sha256 of every file + schema +
     head/manifest consistency (``load_bundle``), the model opened on this box's runtime and matched to the
     manifest, then the bundle's own reference images must give the decisions recorded in it.
-    ``signature_apart`` checks the signature in a child process (the long-running service: see
-    :func:`device.signing.verify_signature_apart`).
+    ``signature_apart`` checks the signature in a child process and ``pin_cores`` splits the cores (the
+    long-running service: see :func:`device.signing.verify_signature_apart`, :mod:`device.priority`).
     """
     from device.classifier import Classifier
     from device.signing import SignatureError, verify_signature, verify_signature_apart
@@ -109,7 +109,7 @@ def verify_bundle(folder: Path, keys_dir: Path, *, require_signature: bool = Tru
     bundle = load_bundle(folder)
     # The reference images are model-size images, not camera frames: they are checked uncalibrated.
     clf = Classifier.open(bundle, num_threads=threads, use_edgetpu=use_edgetpu,
-                          rbc_diameter_px=0.0 if references else rbc_diameter_px)
+                          rbc_diameter_px=0.0 if references else rbc_diameter_px, pin_cores=pin_cores)
     summary = check_references(bundle, clf) if references else "reference images: not checked"
     return Verified(bundle, clf, signed, summary)
 

@@ -28,6 +28,7 @@ from device.loop.camera import Camera
 from device.loop.field import UPLOAD, FieldPipeline, Staged, stage
 from device.loop.frames import SKIPPED, FrameStage
 from device.notify import Notifier
+from device.priority import pin_interpreter_thread
 from device.sources import Frame
 from device.store.records import FieldResult
 
@@ -95,6 +96,7 @@ class Screening:
     # -- the thread ------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        pin_interpreter_thread()  # the thread that invokes the model stays on the interpreter's cores
         if self.camera is not None and self.frames is not None:
             self.camera.open()  # at once, also in button mode: the camera's exposure settles before a press
             self.frames.start()

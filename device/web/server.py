@@ -176,6 +176,7 @@ class WebServer:
         return f"http://{host}:{self.port}/"
 
     def _run(self) -> None:
+        lower_this_thread(WORKER_NICE)  # the accept/read/write loop is the page's too: below the model, its cores
         try:
             self._server.run()
         except Exception:  # the page must never take the appliance down
