@@ -8,6 +8,7 @@ ending the run. ``--quick`` shortens everything for a smoke run.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -38,6 +39,17 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def decision_agreement(bundle_dir: Path) -> dict | None:
+    """int8 vs float *device decisions* (status, label, ALL alert) from the bundle's ``metrics.json`` (written by
+    ``python -m convert evaluate`` beside the manifest), or None where the bundle has none."""
+    try:
+        doc = json.loads((bundle_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    got = doc.get("int8_float_decision_agreement") if isinstance(doc, dict) else None
+    return {k: got[k] for k in ("rate", "k", "n")} if isinstance(got, dict) and "rate" in got else None
 
 
 def _version(dist: str) -> str:
@@ -139,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                    "model_op_types": (bundle.manifest.get("quantization") or {}).get("op_types"),
                    "edgetpu_friendly_graph": bundle.edgetpu_friendly_path is not None,
                    "edgetpu_compiled_graph": bundle.edgetpu_path is not None,
-                   "metrics": bundle.manifest.get("metrics")},
+                   "metrics": bundle.manifest.get("metrics"),
+                   "decision_agreement": decision_agreement(bundle_dir)},
         "threads": args.threads, "loop_threads": loop_threads,
         "loop_cores": clf_loop.model.cores.describe() if clf_loop.model.cores else None,
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -104,10 +105,33 @@ def test_a_missed_target_says_missed_in_the_table() -> None:
     loop_line = next(line for line in md.splitlines() if line.startswith("| Loop time per field / bare int8 invoke, "
                                                                           "same interpreter threads (replay"))
     assert "MISSED" in loop_line and "1.3 x" in loop_line
+    r["loop"]["replay"]["ratio"] = 1.1027  # over the limit by less than the third digit
+    loop_line = next(line for line in report.render_markdown(r).splitlines() if line.startswith(loop_line[:60]))
+    assert "| 1.103 x | <= 1.1 x | **MISSED** |" in loop_line
     rss_line = next(line for line in md.splitlines() if line.startswith("| Peak RSS"))
     assert "MISSED" in rss_line
     startup_line = next(line for line in md.splitlines() if line.startswith("| Process start to first"))
     assert "MISSED" not in startup_line and "met" in startup_line
+
+
+def test_the_agreement_target_reads_the_device_decisions_where_the_bundle_has_them(tmp_path) -> None:
+    from bench.cli import decision_agreement
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"int8_float_decision_agreement": {
+        "k": 564, "n": 567, "rate": 564 / 567, "lo": 0.98, "hi": 0.998}}))
+    got = decision_agreement(tmp_path)
+    assert got == {"rate": 564 / 567, "k": 564, "n": 567}
+    r = copy.deepcopy(RESULTS)
+    r["meta"]["bundle"]["metrics"]["int8_float_agreement"] = 0.99  # the top-class figure, under the floor
+    r["meta"]["bundle"]["decision_agreement"] = {"rate": 0.996, "k": 996, "n": 1000}
+    rows = {row["key"]: row for row in report.evaluate_targets(r)}
+    assert rows["int8_float_agreement"]["measured"] == 0.996 and rows["int8_float_agreement"]["result"] == report.MET
+    r["meta"]["bundle"]["decision_agreement"] = got  # 99.47%: under the floor
+    rows = {row["key"]: row for row in report.evaluate_targets(r)}
+    assert rows["int8_float_agreement"]["result"] == report.MISSED
+    (tmp_path / "metrics.json").write_text("{}")
+    assert decision_agreement(tmp_path) is None  # then the manifest's top-class figure is read
+    assert decision_agreement(tmp_path / "missing") is None
 
 
 def test_a_section_that_failed_is_not_measured_not_met() -> None:
