@@ -73,8 +73,8 @@ TARGETS: tuple[Target, ...] = (
 
 def _why_missing(results: dict, t: Target) -> str:
     if t.section == "meta":
-        return "the bundle has neither metrics.json's int8_float_decision_agreement nor the manifest's " \
-            "metrics.int8_float_agreement"
+        return ("the bundle has neither metrics.json's int8_float_decision_agreement nor the manifest's "
+                "metrics.int8_float_agreement")
     s = results.get(t.section)
     if isinstance(s, dict) and s.get("error"):
         return str(s["error"])
