@@ -150,7 +150,13 @@ def write(o: Options, out: Path, manifest: dict, m: dict, seconds: dict[str, flo
     a(f"6. **Decision rule** (thresholds chosen on validation): OOD -> refer; an ALL subtype needs confidence >= "
       f"{th['confidence']}; **Benign needs >= {th['benign_confidence']}** (above every validation ALL field the "
       f"head called benign); otherwise P(ALL) >= {th['all_probability']} raises the ALL alert with the subtype "
-      "referred; otherwise refer.\n")
+      "referred; otherwise refer."
+      + (" A confident label also needs the network's own classifier (the linear layer DarkNet19 was trained "
+         "with, on all 1000 features of the same int8 output) to have the same top class; where the two differ "
+         "the field is referred as unlike the training images (with the ALL alert when P(ALL) reaches the "
+         "threshold above). Fields this check referred: "
+         + ", ".join(f"{k} {v}" for k, v in m["network_check"].items()) + "." if m.get("network_check") else "")
+      + "\n")
     a("## New-patient test split\n")
     a(f"On {m['test_images']} test images (newest acquisition numbers):\n")
     a("| measure | value |")

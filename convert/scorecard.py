@@ -26,13 +26,16 @@ from convert.evaluate import (
     shift_table,
     simulate_slides,
     table2,
+    verdicts,
     wilson,
 )
 from convert.fit import OOD_VAL_REFER
 from convert.options import Options, load_part, paths
 from convert.quantize import decisions_agreement
 from device.bundle import Thresholds
-from device.head import load_head
+from device.classifier import NETWORK_DISAGREES
+from device.head import Head, load_head
+from device.quality import OK as QUALITY_OK
 from device.slides import SlideRules
 from device.status import Status
 
@@ -107,6 +110,10 @@ def evaluate_all(o: Options) -> dict:
         "shifts": shift_table(head, th, benign, y, zs, suite),
         "ood": _ood(head, th, benign, zo, zs, suite, z),
         "ood_comparison": sel["ood_comparison"], "ood_method": sel["ood_method"], "ood_val_refer": OOD_VAL_REFER,
+        "network_check": network_refers(head, th, benign, {
+            "validation": (z["val"], gate_codes(z, "val")), "new-patient test": (z["test"], gate_codes(z, "test")),
+            **({"ood-bccd (calibrated)": (zo["bccd|calibrated"], zo["bccd|calibrated|q"])}
+               if "bccd|calibrated" in zo.files else {})}),
         "lsb": [lsb_robustness(head, z["test"], float(z["out_scale"]), k) for k in (1, 3)],
         "selection": {"criterion": sel["criterion"], "k": sel["k"], "C": sel["C"], "paper_k": 521,
                       "table": sel["table"], "best_val_accuracy": sel["best_val_accuracy"], "one_se": sel["one_se"]},
@@ -125,6 +132,20 @@ def evaluate_all(o: Options) -> dict:
         m["graph_agreement"] = graph_agreement(pp.tflite, pp.edgetpu_friendly, x_te, head, "Benign", th)
     m["duplicates"]["recapture_sets"] = [suite[int(k.split("|")[0])].name for k in recapture_keys]
     return m
+
+
+def network_refers(head: Head, th: Thresholds, benign: int, sets: dict[str, tuple[np.ndarray, np.ndarray]]
+                   ) -> dict[str, int] | None:
+    """Per set (features, gate codes): the fields passing the gate that the network-agreement check refers (the
+    head's label confident, the network's own classifier's top class another); None for a head without it."""
+    if head.network_coef is None:
+        return None
+    out = {}
+    for name, (f, q) in sets.items():
+        _, vs = verdicts(head, f, th, benign)
+        out[name] = sum(1 for v, code in zip(vs, q, strict=True)
+                        if code == QUALITY_OK and NETWORK_DISAGREES in v.reason)
+    return out
 
 
 def _ood(head, th, benign, zo, zs, suite, z) -> dict:

@@ -305,10 +305,12 @@ def screen(model, frame: np.ndarray, size: int, side_px: float | None = None) ->
 
 def head(o: Options) -> None:
     """mRMR + SVM on train; k, C, calibration, OOD method and threshold, decision thresholds and the slide's
-    near-duplicate threshold on validation."""
-    from dataclasses import asdict
+    near-duplicate threshold on validation; the network's own classifier (the trained linear layer) shipped beside
+    the SVM as the second opinion ``device.classifier.decide`` asks for."""
+    from dataclasses import asdict, replace
 
     from convert.evaluate import duplicate_threshold, gate_codes
+    from convert.export import load_trained
     from convert.fit import choose_k, choose_thresholds, compare_ood
     from device.head import save_head
 
@@ -327,6 +329,9 @@ def head(o: Options) -> None:
             if name in zo.files:
                 sets[name] = (zo[name], zo[name + "|q"])
         h, table = compare_ood(xtr, ytr, xva, yva, classes, idx, sel.C, o.seed, sets)
+        net, _ = load_trained(pp.weights)  # its outputs are in the split's class order, as the head's
+        h = replace(h, network_coef=net.classifier.weight.detach().double().numpy(),
+                    network_intercept=net.classifier.bias.detach().double().numpy())
         th, th_info = choose_thresholds(h, xva, yva, benign)
         dup = duplicate_threshold(h, xva, data.block_groups(data.split_blocks(pp.split), z["val_names"]))
         save_head(pp.head, h)
@@ -339,5 +344,5 @@ def head(o: Options) -> None:
               f"{h.ood_threshold:.3f}, thresholds {th}")
         return {"k": sel.k, "C": sel.C}
 
-    run_step(o, "head", [pp.features, pp.ood, pp.split], [pp.head, pp.selection],
-             {"criterion": o.criterion, "seed": o.seed, "version": 3}, go)
+    run_step(o, "head", [pp.features, pp.ood, pp.split, pp.weights], [pp.head, pp.selection],
+             {"criterion": o.criterion, "seed": o.seed, "version": 4}, go)

@@ -43,11 +43,18 @@ def retake(quality: Quality) -> Verdict:
     return Verdict(Status.RETAKE, None, False, 0.0, {}, quality.reason, None, None)
 
 
+#: In the reason of a field referred because the network's own classifier and the head disagree.
+NETWORK_DISAGREES = "the network's own classifier"
+
+
 def decide(head: Head, out: HeadOutput, benign: str, th: Thresholds) -> Verdict:
     """The decision rule, pure: OOD -> refer; confident label -> label; ALL likely -> alert; else refer.
 
     "Benign" needs ``th.benign_confidence`` (stricter than ``th.confidence``): calling a blast field
     benign is the one error a screening aid must not make, so an unsure benign field is referred.
+    A confident label also needs the network's own classifier (when the head carries it) to agree: the SVM sees
+    25 selected features, the network's classifier all of them, and where they part the field is unlike what
+    both were fitted on (another lab's smears: models/REPORT.md, "Refer what it does not know").
     """
     classes = head.classes
     scores = {c: float(p) for c, p in zip(classes, out.probs)}
@@ -59,6 +66,11 @@ def decide(head: Head, out: HeadOutput, benign: str, th: Thresholds) -> Verdict:
                        f"{head.ood_threshold:.2f}); check slide, stain and magnification, or send to a haematologist",
                        out.distance, p_all)
     need = th.benign_confidence if top == benign else th.confidence
+    if out.confidence >= need and 0 <= out.network_index != out.index:
+        return Verdict(Status.REFER, None, p_all >= th.all_probability, out.confidence, scores,
+                       f"field unlike the training images (the head reads {top} {out.confidence:.2f}, "
+                       f"{NETWORK_DISAGREES} {classes[out.network_index]}); check slide, stain and magnification, or "
+                       "send to a haematologist", out.distance, p_all)
     if out.confidence >= need:
         return Verdict(Status.OK, top, top != benign, out.confidence, scores, "", out.distance, p_all)
     if p_all >= th.all_probability:

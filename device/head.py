@@ -1,5 +1,5 @@
 """The classification head in plain numpy: mRMR mask, scaler, linear SVM,
-calibrated probabilities and the out-of-distribution score.
+calibrated probabilities, the out-of-distribution score, and the network's own classifier as a second opinion.
 
 Fitted by ``convert/`` with scikit-learn, exported as arrays, and evaluated
 here with the same arithmetic (tests assert identical decisions on every
@@ -22,6 +22,9 @@ OOD_METHODS = ("knn", "mahalanobis", "energy")
 OOD_ARRAYS = {"knn": ("bank",), "mahalanobis": ("class_means", "precision"), "energy": ()}
 #: Neighbours averaged by the k-nearest-neighbour distance.
 KNN_K = 5
+#: The linear layer DarkNet19 was trained with (classes x all features), shipped beside the SVM: where its top
+#: class differs from the head's confident label, the field is referred (``device.classifier.decide``).
+NETWORK_ARRAYS = ("network_coef", "network_intercept")
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,6 +43,8 @@ class Head:
     bank: np.ndarray | None = None  # knn: (N, K) float32 standardised training features
     class_means: np.ndarray | None = None  # mahalanobis: (C, K)
     precision: np.ndarray | None = None  # mahalanobis: (K, K) inverse of the shared shrunk covariance
+    network_coef: np.ndarray | None = None  # (C, F): the network's own classifier on every feature; None: no check
+    network_intercept: np.ndarray | None = None  # (C,)
 
     @property
     def k(self) -> int:
@@ -53,6 +58,7 @@ class HeadOutput:
     index: int  # argmax of probs
     confidence: float  # probs[index]
     distance: float  # out-of-distribution score (higher = less like the training images)
+    network_index: int = -1  # the network's own classifier's top class; -1 when the head carries none
 
 
 def standardise(head: Head, features: np.ndarray) -> np.ndarray:
@@ -80,7 +86,12 @@ def evaluate_many(head: Head, features: np.ndarray) -> list[HeadOutput]:
     probs = calibrate(head, scores)
     idx = probs.argmax(axis=1)
     d = ood_score(head, z, scores)
-    return [HeadOutput(s, p, int(i), float(p[i]), float(di)) for s, p, i, di in zip(scores, probs, idx, d)]
+    if head.network_coef is not None and head.network_intercept is not None:  # C x F multiply-adds: ~4,000
+        net = (features.astype(np.float64) @ head.network_coef.T + head.network_intercept).argmax(axis=1)
+    else:
+        net = np.full(len(features), -1)
+    return [HeadOutput(s, p, int(i), float(p[i]), float(di), int(ni))
+            for s, p, i, di, ni in zip(scores, probs, idx, d, net)]
 
 
 def calibrate(head: Head, scores: np.ndarray) -> np.ndarray:
@@ -128,6 +139,8 @@ def ood_score(head: Head, z: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 def save_head(path: Path, head: Head) -> None:
     extra = {n: np.asarray(getattr(head, n)) for n in OOD_ARRAYS[head.ood_method]}
+    if head.network_coef is not None:
+        extra |= {n: np.asarray(getattr(head, n)) for n in NETWORK_ARRAYS}
     np.savez(path, classes=np.array(head.classes), n_features=np.array(head.n_features),
              ood_method=np.array(head.ood_method), **{name: np.asarray(getattr(head, name)) for name in HEAD_ARRAYS},
              **extra)
@@ -146,6 +159,11 @@ def load_head(path: Path) -> Head:
                 raise BundleError(f"{path}: head lacks arrays {', '.join(missing)}; rebuild it with `make convert`")
             arrays = {n: z[n] for n in HEAD_ARRAYS}
             extra = {n: z[n].astype(np.float32 if n == "bank" else np.float64) for n in OOD_ARRAYS[method]}
+            net = [n for n in NETWORK_ARRAYS if n in z.files]  # optional: bundles before 2026-12-08 have none
+            if net and len(net) != len(NETWORK_ARRAYS):
+                raise BundleError(f"{path}: head has {net[0]} without {set(NETWORK_ARRAYS).difference(net).pop()}; "
+                                  "rebuild it with `make convert`")
+            extra |= {n: z[n].astype(np.float64) for n in net}
             classes = tuple(str(c) for c in z["classes"])
             n_features = int(z["n_features"])
     except BundleError:
@@ -165,6 +183,9 @@ def check_head(head: Head, where: Path | str) -> None:
     expect = {"mean": (k,), "scale": (k,), "coef": (c, k), "intercept": (c,), "platt_a": (c,), "platt_b": (c,)}
     if head.ood_method == "mahalanobis":
         expect |= {"class_means": (c, k), "precision": (k, k)}
+    network = NETWORK_ARRAYS if head.network_coef is not None else ()
+    if network:
+        expect |= {"network_coef": (c, head.n_features), "network_intercept": (c,)}
     for name, shape in expect.items():
         got = getattr(head, name).shape
         if got != shape:
@@ -174,7 +195,7 @@ def check_head(head: Head, where: Path | str) -> None:
         raise BundleError(f"{where}: head array 'bank' has shape {head.bank.shape}, expected (N, {k})")
     if k == 0 or head.indices.min() < 0 or head.indices.max() >= head.n_features:
         raise BundleError(f"{where}: mRMR indices fall outside 0..{head.n_features - 1}")
-    for name in ("mean", "scale", "coef", "intercept", "platt_a", "platt_b", *OOD_ARRAYS[head.ood_method]):
+    for name in ("mean", "scale", "coef", "intercept", "platt_a", "platt_b", *OOD_ARRAYS[head.ood_method], *network):
         if not np.all(np.isfinite(getattr(head, name))):
             raise BundleError(f"{where}: head array '{name}' holds NaN or infinity; rebuild it with `make convert`")
     if np.any(head.scale <= 0):

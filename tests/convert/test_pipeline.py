@@ -13,6 +13,7 @@ from convert import cli
 from convert.data import load_rgb, load_sources, read_split
 from device.bundle import load_bundle
 from device.classifier import Classifier
+from device.head import evaluate_many
 from device.preprocess import load_image
 from device.quality import assess
 from device.reference import check_references
@@ -89,6 +90,22 @@ def test_head_was_fitted_on_exactly_what_the_device_computes(built):
         # the gate's code is kept beside each split's features: the report counts the retakes it makes
         assert z["test_q"][i] == assess(src).code
     assert {f"{p}_q" for p in ("train", "val", "test")} <= set(z.files)
+
+
+def test_the_head_carries_the_networks_own_classifier_in_the_heads_class_order(built):
+    from convert.export import load_trained
+
+    tmp, _ = built
+    head = load_bundle(tmp / "models").head
+    net, state = load_trained(tmp / "work" / "darknet19.pt")
+    np.testing.assert_allclose(head.network_coef, net.classifier.weight.detach().double().numpy())
+    np.testing.assert_allclose(head.network_intercept, net.classifier.bias.detach().double().numpy())
+    z = np.load(tmp / "work" / "features.npz")
+    logits = z["test"].astype(np.float64) @ head.network_coef.T + head.network_intercept
+    outs = evaluate_many(head, z["test"])
+    assert [o.network_index for o in outs] == logits.argmax(1).tolist()
+    metrics = json.loads((tmp / "models" / "metrics.json").read_text())
+    assert set(metrics["network_check"]) >= {"validation", "new-patient test"}  # what the report says it referred
 
 
 @pytest.mark.slow
