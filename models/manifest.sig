@@ -1,7 +1,7 @@
 {
  "algorithm": "Ed25519",
  "key_id": "5f517f13c7a93519",
- "manifest_sha256": "59074fae766afcbc6816a14bfd9a76f173c0c7705eed53212f8fbc44945657ce",
- "signed": "2026-12-08T02:49:19+00:00",
- "signature": "Ypk8TFlPSgKmKzqPdkcjdxMpjXNN3dRdziPr9dztam/tDQbdkakY3/JxYnheZlSqCHaffQ+Nca7WtcFbVHd5Dw=="
+ "manifest_sha256": "a74f91a5b258c9429c1d16aac45b6a2b363a29d289389543c52523b45bfc669c",
+ "signed": "2026-12-08T04:31:04+00:00",
+ "signature": "0TLwwi07HYvrtmIifjHfG9EP50ouzfUZnBKOQqcOHq/MzJsZnjwghl3ZDJ1kYuMFm/wyttwXTFMJ84uXUEZWBg=="
 }
