@@ -53,8 +53,8 @@ def decide(head: Head, out: HeadOutput, benign: str, th: Thresholds) -> Verdict:
     "Benign" needs ``th.benign_confidence`` (stricter than ``th.confidence``): calling a blast field
     benign is the one error a screening aid must not make, so an unsure benign field is referred.
     A confident label also needs the network's own classifier (when the head carries it) to agree: the SVM sees
-    25 selected features, the network's classifier all of them, and where they part the field is unlike what
-    both were fitted on (another lab's smears: models/REPORT.md, "Refer what it does not know").
+    the k mRMR-selected features, the network's classifier all of them, and where they part the field is unlike
+    what both were fitted on (another lab's smears: models/REPORT.md, "Refer what it does not know").
     """
     classes = head.classes
     scores = {c: float(p) for c, p in zip(classes, out.probs)}
