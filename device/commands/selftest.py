@@ -70,7 +70,9 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
     def verify_bundle() -> str:
         b = holder["bundle"] = load_bundle(res.model_dir)
-        return f"{b.id}: every sha256 matches, {len(b.classes)} classes, input {b.input.size} px"
+        return (f"{b.id}: every sha256 matches, {len(b.classes)} classes, input {b.input.size} px; head: k = "
+                f"{b.head.k}, out-of-distribution {b.head.ood_method}, network check "
+                f"{'on' if b.head.network_coef is not None else 'off (a bundle from before 2026-12-08)'}")
     check("bundle", verify_bundle)
     bundle = holder.get("bundle")
     if bundle is not None:

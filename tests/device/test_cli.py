@@ -116,6 +116,7 @@ def test_selftest_passes_with_a_good_bundle_and_fails_without_one(tmp_path, caps
     out = capsys.readouterr().out
     assert "selftest PASSED" in out and "ok   samples: 12 images" in out and "ok   leds" in out
     assert "frame JPEGs by simplejpeg" in out  # a device dependency: the recorder encodes without the GIL
+    assert "network check off (a bundle from before 2026-12-08)" in out  # the tiny fixture bundle has none
     broken = write_config(tmp_path, model=tmp_path / "nowhere")
     assert main(["selftest", "--config", str(broken)]) == 1
     assert "FAIL bundle" in capsys.readouterr().out
