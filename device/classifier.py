@@ -66,12 +66,12 @@ def decide(head: Head, out: HeadOutput, benign: str, th: Thresholds) -> Verdict:
                        f"{head.ood_threshold:.2f}); check slide, stain and magnification, or send to a haematologist",
                        out.distance, p_all)
     need = th.benign_confidence if top == benign else th.confidence
-    if out.confidence >= need and 0 <= out.network_index != out.index:
-        return Verdict(Status.REFER, None, p_all >= th.all_probability, out.confidence, scores,
-                       f"field unlike the training images (the head reads {top} {out.confidence:.2f}, "
-                       f"{NETWORK_DISAGREES} {classes[out.network_index]}); check slide, stain and magnification, or "
-                       "send to a haematologist", out.distance, p_all)
     if out.confidence >= need:
+        if 0 <= out.network_index != out.index:  # the network's own classifier reads another class
+            return Verdict(Status.REFER, None, p_all >= th.all_probability, out.confidence, scores,
+                           f"field unlike the training images (the head reads {top} {out.confidence:.2f}, "
+                           f"{NETWORK_DISAGREES} {classes[out.network_index]}); check slide, stain and magnification, "
+                           "or send to a haematologist", out.distance, p_all)
         return Verdict(Status.OK, top, top != benign, out.confidence, scores, "", out.distance, p_all)
     if p_all >= th.all_probability:
         return Verdict(Status.REFER, None, True, out.confidence, scores,
